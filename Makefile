@@ -1,0 +1,76 @@
+# Labyard: `make demo` starts the platform on this machine, `make test` runs every test.
+# Both set up what they need first (apt packages when run as root, .venv, node packages,
+# the JupyterLab extension). Everything is pinned: requirements/lock.txt, package-lock.json.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+APT_PACKAGES := slapd ldap-utils openssl
+APT_TEST_PACKAGES := chromium
+# installs missing Debian packages when root; otherwise says what to install and stops
+apt_install = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  else echo "Missing Debian packages: $$missing. Install them with: sudo apt-get install $$missing"; exit 1; fi; fi
+STAMP := $(VENV)/.stamps
+
+.PHONY: help setup demo test test-python test-k8s test-ansible lock clean
+
+help:
+	@echo "make demo     set up and start the platform on http://127.0.0.1:8000 (users: see README)"
+	@echo "make test     set up and run every test (python, browser, Kubernetes testbed, Ansible)"
+	@echo "make setup    only set up (.venv, node packages, extension)"
+
+setup: $(STAMP)/apt $(STAMP)/python $(STAMP)/extension $(STAMP)/proxy
+
+$(STAMP)/apt:
+	@command -v npm >/dev/null || { echo "Node.js 20+ and npm are required: apt-get install nodejs npm"; exit 1; }
+	@$(call apt_install,$(APT_PACKAGES))
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/apt-test: $(STAMP)/apt
+	@$(call apt_install,$(APT_TEST_PACKAGES))
+	@touch $@
+
+$(STAMP)/venv:
+	@command -v python3 >/dev/null || { echo "python3 (3.11 or newer) is required: apt-get install python3 python3-venv"; exit 1; }
+	python3 -m venv $(VENV)
+	@mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/python: $(STAMP)/venv requirements/lock.txt
+	$(PIP) install --quiet --upgrade pip==25.3
+	$(PIP) install --quiet -r requirements/lock.txt
+	@touch $@
+
+extensions/node_modules/.package-lock.json: extensions/package-lock.json
+	cd extensions && npm ci --no-audit --no-fund --loglevel=error
+
+$(STAMP)/extension: $(STAMP)/python extensions/node_modules/.package-lock.json $(shell find extensions/src extensions/style -type f) extensions/package.json pyproject.toml
+	cd extensions && npm run --silent build:prod
+	HATCH_JUPYTER_BUILDER_SKIP_NPM=1 $(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+$(STAMP)/proxy: hub_config/package-lock.json
+	cd hub_config && npm ci --no-audit --no-fund --loglevel=error
+	ln -sf ../../hub_config/node_modules/.bin/configurable-http-proxy $(VENV)/bin/configurable-http-proxy
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/labyard up --demo
+
+test: setup $(STAMP)/apt-test
+	bash .ci/test-all
+
+test-python: setup $(STAMP)/apt-test
+	$(PY) -m pytest tests --ignore=tests/k8s
+
+lock:
+	$(PIP) install --quiet -e '.[test]'
+	{ head -2 requirements/lock.txt; $(PIP) freeze --exclude-editable | grep -v '^labyard'; } > requirements/lock.new
+	mv requirements/lock.new requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) extensions/node_modules extensions/lib extensions/labyard_lab/labextension hub_config/node_modules
