@@ -1,0 +1,1 @@
+"""Kubernetes: object builders, the project spawner and the project controller."""
