@@ -204,6 +204,15 @@ async def test_service_connection_is_reused(ldap_posix):
         assert proxy.connections == 1 + 3
 
 
+async def test_service_connections_are_pooled_under_load(ldap_posix):
+    with DelayProxy(ldap_posix.port, delay=0.02) as proxy:
+        auth = make_auth(ldap_posix, server_urls=[proxy.url], lookup_pool_size=3)
+        results = await asyncio.gather(*(login(auth, "carol") for _ in range(12)))
+        assert all(results)
+        # at most 3 service connections, plus one bind connection per login
+        assert 12 + 1 <= proxy.connections <= 12 + 3
+
+
 async def test_service_connection_recovers_after_server_restart(tmp_path):
     from .support.directory import start_directory
 

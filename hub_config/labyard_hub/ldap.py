@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import queue
 import re
 import ssl
 import threading
@@ -69,6 +70,10 @@ class LDAPAuthenticator(Authenticator):
     server_retry_seconds = Float(30.0, help="How long a server that failed is tried last.").tag(config=True)
     executor_threads = Integer(
         16, help="Threads for LDAP calls (the number of logins that talk to LDAP at the same time)."
+    ).tag(config=True)
+
+    lookup_pool_size = Integer(
+        4, help="Service-account connections kept open and reused for lookups (each serves one lookup at a time)."
     ).tag(config=True)
 
     # -- finding the user ----------------------------------------------------------------------
@@ -142,8 +147,8 @@ class LDAPAuthenticator(Authenticator):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._executor = ThreadPoolExecutor(self.executor_threads, thread_name_prefix="ldap")
-        self._lookup_conn: ldap3.Connection | None = None
-        self._lookup_lock = threading.Lock()
+        self._lookup_pool: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
+        self._lookup_slots = threading.BoundedSemaphore(self.lookup_pool_size)
         self._failed_at: dict[str, float] = {}
 
     def _servers(self) -> list[ldap3.Server]:
@@ -207,26 +212,39 @@ class LDAPAuthenticator(Authenticator):
         ]
 
     def _with_lookup(self, fn):
-        """Run ``fn(conn)`` on the shared service-account connection, reconnecting once if it broke."""
-        with self._lookup_lock:
+        """Run ``fn(conn)`` on a pooled service-account connection, reconnecting once if it broke.
+
+        Connections are kept and reused (at most ``lookup_pool_size`` of them); ldap3's
+        synchronous connections are not thread-safe, so each is used by one thread at a time.
+        """
+        with self._lookup_slots:
+            try:
+                conn = self._lookup_pool.get_nowait()
+            except queue.Empty:
+                conn = None
             for attempt in (1, 2):
-                if self._lookup_conn is None:
+                if conn is None:
                     try:
-                        self._lookup_conn = self._connect(self.lookup_bind_dn, self.lookup_bind_password)
+                        conn = self._connect(self.lookup_bind_dn, self.lookup_bind_password)
                     except ldap_errors.LDAPBindError as e:
                         raise DirectoryError(f"service account {self.lookup_bind_dn} could not bind: {e}") from e
                 try:
-                    return fn(self._lookup_conn)
+                    result = fn(conn)
+                    self._lookup_pool.put(conn)
+                    return result
                 except (ldap_errors.LDAPCommunicationError, ldap_errors.LDAPSessionTerminatedByServerError,
                         ldap_errors.LDAPSocketReceiveError, ldap_errors.LDAPSocketOpenError, OSError) as e:
                     self.log.warning("LDAP service connection broke (%s); reconnecting", e)
                     try:
-                        self._lookup_conn.unbind()
+                        conn.unbind()
                     except Exception:
                         pass
-                    self._lookup_conn = None
+                    conn = None
                     if attempt == 2:
                         raise DirectoryError(f"LDAP lookup failed: {e}") from e
+                except BaseException:
+                    self._lookup_pool.put(conn)
+                    raise
 
     async def _run(self, fn, *args):
         """Run a blocking directory call in the pool, with an overall deadline."""

@@ -39,23 +39,32 @@ class DelayProxy:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5)
+        self._loop.close()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self._ready.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            server.close()
+        await self._stop.wait()
+        server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         if self.silent:
-            await reader.read()  # hold the connection open until the client gives up
-            writer.close()
+            try:
+                await reader.read()  # hold the connection open until the client gives up
+            finally:
+                writer.close()
             return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -70,7 +79,7 @@ class DelayProxy:
                         await asyncio.sleep(self.delay)
                     dst.write(data)
                     await dst.drain()
-            except (ConnectionError, asyncio.CancelledError):
+            except ConnectionError:
                 pass
             finally:
                 dst.close()
