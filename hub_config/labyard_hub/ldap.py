@@ -93,9 +93,13 @@ class LDAPAuthenticator(Authenticator):
         """,
     ).tag(config=True)
     username_attribute = Unicode("uid", help="Attribute holding the login name.").tag(config=True)
-    uid_number_attribute = Unicode("uidNumber").tag(config=True)
-    gid_number_attribute = Unicode("gidNumber").tag(config=True)
-    home_attribute = Unicode("homeDirectory").tag(config=True)
+    uid_number_attribute = Unicode(
+        "uidNumber", help="User attribute with the numeric uid that servers and runs run as (Kubernetes mode)."
+    ).tag(config=True)
+    gid_number_attribute = Unicode(
+        "gidNumber", help="Attribute with the numeric gid, of users (primary group) and of project groups."
+    ).tag(config=True)
+    home_attribute = Unicode("homeDirectory", help="User attribute with the home directory (kept in auth_state).").tag(config=True)
     username_pattern = Unicode(
         r"^[a-z_][a-z0-9_.-]{0,31}$",
         help="Usernames (after normalising to lower case) must match this, or login is refused before LDAP is asked.",
@@ -116,9 +120,11 @@ class LDAPAuthenticator(Authenticator):
         help="""With ``project_membership = "member"``: a user in group A that is a member of
         group B is also in B (resolved level by level, up to ``nested_groups_depth``).""",
     ).tag(config=True)
-    nested_groups_depth = Integer(5).tag(config=True)
-    project_name_attribute = Unicode("cn").tag(config=True)
-    project_description_attribute = Unicode("description").tag(config=True)
+    nested_groups_depth = Integer(5, help="How many levels of nested groups are followed.").tag(config=True)
+    project_name_attribute = Unicode(
+        "cn", help="Group attribute whose value is the project name (must be a DNS label: a-z, 0-9, -)."
+    ).tag(config=True)
+    project_description_attribute = Unicode("description", help="Group attribute shown as the project's description.").tag(config=True)
     admin_groups = List(
         Unicode(),
         help="Names of groups (found like projects) whose members are hub admins. They are not projects themselves.",
@@ -130,6 +136,11 @@ class LDAPAuthenticator(Authenticator):
 
     @default("enable_auth_state")
     def _auth_state_default(self) -> bool:
+        return True
+
+    @default("refresh_pre_spawn")
+    def _refresh_pre_spawn_default(self) -> bool:
+        # membership is checked against LDAP as it is now, not as it was at login
         return True
 
     @default("auth_refresh_age")
