@@ -17,7 +17,7 @@ apt_install = missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $
 	  else echo "Missing Debian packages: $$missing. Install them with: sudo apt-get install $$missing"; exit 1; fi; fi
 STAMP := $(VENV)/.stamps
 
-.PHONY: help setup demo test test-python test-k8s test-ansible lock clean
+.PHONY: help setup demo test test-python bench lock clean
 
 help:
 	@echo "make demo     set up and start the platform on http://127.0.0.1:8000 (users: see README)"
@@ -64,8 +64,12 @@ demo: setup
 test: setup $(STAMP)/apt-test
 	bash .ci/test-all
 
+PYTEST_ARGS ?= tests --ignore=tests/k8s
 test-python: setup $(STAMP)/apt-test
-	$(PY) -m pytest tests --ignore=tests/k8s
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/ldap_logins.py
 
 lock:
 	$(PIP) install --quiet -e '.[test]'
