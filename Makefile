@@ -45,8 +45,10 @@ $(STAMP)/python: $(STAMP)/venv requirements/lock.txt
 	$(PIP) install --quiet -r requirements/lock.txt
 	@touch $@
 
+# `npm install --no-save` rather than `npm ci`: the lock cannot list rspack's binaries for other
+# platforms (the registry here has none), which `npm ci` refuses; --no-save keeps the lock as it is
 extensions/node_modules/.package-lock.json: extensions/package-lock.json
-	cd extensions && npm ci --no-audit --no-fund --loglevel=error
+	cd extensions && npm install --no-save --no-audit --no-fund --loglevel=error
 
 $(STAMP)/extension: $(STAMP)/python extensions/node_modules/.package-lock.json $(shell find extensions/src extensions/style -type f) extensions/package.json pyproject.toml
 	cd extensions && npm run --silent build:prod
@@ -54,7 +56,7 @@ $(STAMP)/extension: $(STAMP)/python extensions/node_modules/.package-lock.json $
 	@touch $@
 
 $(STAMP)/proxy: hub_config/package-lock.json
-	cd hub_config && npm ci --no-audit --no-fund --loglevel=error
+	cd hub_config && npm install --no-save --no-audit --no-fund --loglevel=error
 	ln -sf ../../hub_config/node_modules/.bin/configurable-http-proxy $(VENV)/bin/configurable-http-proxy
 	@touch $@
 
