@@ -45,8 +45,8 @@ $(STAMP)/python: $(STAMP)/venv requirements/lock.txt
 	$(PIP) install --quiet -r requirements/lock.txt
 	@touch $@
 
-# `npm install --no-save` rather than `npm ci`: the lock cannot list rspack's binaries for other
-# platforms (the registry here has none), which `npm ci` refuses; --no-save keeps the lock as it is
+# `npm install --no-save` rather than `npm ci`: npm 11 writes a lock without rspack's optional
+# binaries for other platforms and `npm ci` then refuses it; --no-save installs from the lock as is
 extensions/node_modules/.package-lock.json: extensions/package-lock.json
 	cd extensions && npm install --no-save --no-audit --no-fund --loglevel=error
 
