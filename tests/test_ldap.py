@@ -261,3 +261,10 @@ async def test_users_without_projects_are_not_allowed(ldap_posix):
         assert await login(make_auth(ldap_posix), "bob") is None
     finally:
         conn.modify(dn, {"memberUid": [("MODIFY_ADD", ["bob"])]})
+
+
+async def test_list_projects_for_the_controller(ldap_posix, ldap_groupofnames):
+    projects = await make_auth(ldap_posix).list_projects()
+    assert [(p.name, p.gid) for p in projects] == [("nlp", 20002), ("vision", 20001)]
+    names = [p.name for p in await make_auth(ldap_groupofnames, "groupOfNames").list_projects()]
+    assert names == ["ml-all", "nlp", "vision"]

@@ -279,7 +279,7 @@ class LDAPAuthenticator(Authenticator):
         return entries[0] if entries else None
 
     def _read_groups(self, conn: ldap3.Connection, username: str, dn: str) -> list[_Entry]:
-        attrs = [self.project_name_attribute, self.gid_number_attribute, self.project_description_attribute]
+        attrs = self._group_attrs()
         if self.project_membership == "memberUid":
             value = escape_filter_chars(username)
         else:
@@ -296,22 +296,27 @@ class LDAPAuthenticator(Authenticator):
             frontier = [escape_filter_chars(g.dn) for g in new]
         return list(found.values())
 
-    def _identity(self, conn: ldap3.Connection, username: str, entry: _Entry) -> tuple[Identity, bool]:
-        projects, admin = [], False
-        for group in self._read_groups(conn, username, entry.dn):
-            name = str(group.first(self.project_name_attribute) or "")
-            if name in self.admin_groups:
-                admin = True
-                continue
-            if not PROJECT_NAME_RE.match(name):
-                self.log.warning("LDAP group %r is not a valid project name; ignored", name)
-                continue
-            gid = group.first(self.gid_number_attribute)
-            projects.append(
-                Project(name=name, gid=int(gid) if gid is not None else None, description=str(group.first(self.project_description_attribute) or ""))
-            )
+    def _group_attrs(self) -> list[str]:
+        return [self.project_name_attribute, self.gid_number_attribute, self.project_description_attribute]
+
+    def _project(self, group: _Entry) -> Project | None:
+        """The project a group stands for; None for admin groups and names that cannot be projects."""
+        name = str(group.first(self.project_name_attribute) or "")
+        if name in self.admin_groups:
+            return None
+        if not PROJECT_NAME_RE.match(name):
+            self.log.warning("LDAP group %r is not a valid project name; ignored", name)
+            return None
+        gid = group.first(self.gid_number_attribute)
+        return Project(name=name, gid=int(gid) if gid is not None else None,
+                       description=str(group.first(self.project_description_attribute) or ""))
+
+    def _identity(self, conn: ldap3.Connection, username: str, entry: _Entry) -> Identity:
+        groups = self._read_groups(conn, username, entry.dn)
+        admin = any(str(g.first(self.project_name_attribute)) in self.admin_groups for g in groups)
+        projects = [p for p in map(self._project, groups) if p is not None]
         uid, gid = entry.first(self.uid_number_attribute), entry.first(self.gid_number_attribute)
-        identity = Identity(
+        return Identity(
             username=username,
             uid=int(uid) if uid is not None else None,
             gid=int(gid) if gid is not None else None,
@@ -319,7 +324,6 @@ class LDAPAuthenticator(Authenticator):
             projects=tuple(sorted(projects, key=lambda p: p.name)),
             admin=admin,
         )
-        return identity, admin
 
     def _login(self, username: str, password: str) -> Identity | None:
         """Find and bind the user, then read their identity. Runs in a worker thread."""
@@ -338,10 +342,10 @@ class LDAPAuthenticator(Authenticator):
                 continue
             try:
                 if self.lookup_bind_dn:
-                    return self._with_lookup(lambda c: self._identity(c, username, entry))[0]
+                    return self._with_lookup(lambda c: self._identity(c, username, entry))
                 # read the user's own entry (users may not be allowed to search the people tree)
                 own = self._search(conn, dn, "(objectClass=*)", self._user_attrs(), scope=ldap3.BASE)
-                return self._identity(conn, username, own[0] if own else _Entry(dn, {}))[0]
+                return self._identity(conn, username, own[0] if own else _Entry(dn, {}))
             finally:
                 conn.unbind()
         self.log.warning("LDAP login %r: bind failed (wrong password or no such DN)", username)
@@ -352,7 +356,21 @@ class LDAPAuthenticator(Authenticator):
         entry = self._with_lookup(lambda c: self._find_user(c, username))
         if entry is None:
             return None
-        return self._with_lookup(lambda c: self._identity(c, username, entry))[0]
+        return self._with_lookup(lambda c: self._identity(c, username, entry))
+
+    def _all_projects(self) -> list[Project]:
+        groups = self._with_lookup(lambda c: self._search(c, self.project_search_base, self.project_search_filter, self._group_attrs()))
+        return sorted((p for p in map(self._project, groups) if p is not None), key=lambda p: p.name)
+
+    async def list_projects(self) -> list[Project]:
+        """Every project in the directory (needs the service account). For the project controller.
+
+        Raises:
+            DirectoryError: LDAP unreachable, or no service account configured.
+        """
+        if not self.lookup_bind_dn:
+            raise DirectoryError("listing projects needs a service account (lookup_bind_dn)")
+        return await self._run(self._all_projects)
 
     # -- JupyterHub interface ------------------------------------------------------------------
     def normalize_username(self, username: str) -> str:
