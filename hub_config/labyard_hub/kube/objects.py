@@ -10,10 +10,29 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from decimal import Decimal
 
 from kubernetes_asyncio.client import (
+    RbacV1Subject,
     V1Capabilities,
+    V1LabelSelector,
+    V1LabelSelectorRequirement,
+    V1LimitRange,
+    V1LimitRangeItem,
+    V1LimitRangeSpec,
+    V1Namespace,
+    V1NetworkPolicy,
+    V1NetworkPolicyIngressRule,
+    V1NetworkPolicyPeer,
+    V1NetworkPolicySpec,
+    V1ObjectMeta,
+    V1PersistentVolumeClaim,
+    V1PersistentVolumeClaimSpec,
     V1PersistentVolumeClaimVolumeSource,
+    V1ResourceQuota,
+    V1ResourceQuotaSpec,
+    V1RoleBinding,
+    V1RoleRef,
     V1PodSecurityContext,
     V1ResourceRequirements,
     V1SeccompProfile,
@@ -21,9 +40,10 @@ from kubernetes_asyncio.client import (
     V1Toleration,
     V1Volume,
     V1VolumeMount,
+    V1VolumeResourceRequirements,
 )
 
-from ..projects import Flavor, Identity, Project
+from ..projects import Flavor, Identity, Project, Quota
 
 NAMESPACE_PREFIX = "labyard-"
 #: where every server and run of a project sees the project's shared volume
@@ -149,3 +169,122 @@ def make_project_volume(project: str) -> tuple[V1Volume, V1VolumeMount]:
         persistent_volume_claim=V1PersistentVolumeClaimVolumeSource(claim_name=project_claim_name(project)),
     )
     return volume, V1VolumeMount(name="project", mount_path=PROJECT_MOUNT)
+
+
+# -- a project's namespace and what the project controller keeps in it -----------------------
+
+
+def make_namespace(project: Project) -> V1Namespace:
+    labels = labels_for("project", project.name)
+    # Pod Security admission: project pods must meet the "restricted" profile
+    labels["pod-security.kubernetes.io/enforce"] = "restricted"
+    return V1Namespace(
+        metadata=V1ObjectMeta(
+            name=namespace_for(project.name),
+            labels=labels,
+            annotations={LABEL_PREFIX + "gid": str(project.gid) if project.gid is not None else "",
+                         LABEL_PREFIX + "description": project.description},
+        )
+    )
+
+
+def make_resource_quota(project: str, quota: Quota | None, gpu_resource: str = "nvidia.com/gpu") -> V1ResourceQuota:
+    """The project's quota: GPUs, CPU and memory of all its servers and runs together."""
+    hard: dict[str, str] = {}
+    if quota is not None:
+        if quota.gpus is not None:
+            hard[f"requests.{gpu_resource}"] = str(quota.gpus)
+        if quota.cpu is not None:
+            hard["requests.cpu"] = hard["limits.cpu"] = _cpu(quota.cpu)
+        if quota.memory is not None:
+            hard["requests.memory"] = hard["limits.memory"] = quota.memory
+    return V1ResourceQuota(
+        metadata=V1ObjectMeta(name="labyard-quota", namespace=namespace_for(project), labels=labels_for("quota", project)),
+        spec=V1ResourceQuotaSpec(hard=hard),
+    )
+
+
+def make_limit_range(project: str, default_cpu: str = "500m", default_memory: str = "1Gi") -> V1LimitRange:
+    """Defaults for containers that name no resources (a quota makes every pod name them)."""
+    return V1LimitRange(
+        metadata=V1ObjectMeta(name="labyard-defaults", namespace=namespace_for(project), labels=labels_for("limits", project)),
+        spec=V1LimitRangeSpec(
+            limits=[
+                V1LimitRangeItem(
+                    type="Container",
+                    default={"cpu": default_cpu, "memory": default_memory},
+                    default_request={"cpu": default_cpu, "memory": default_memory},
+                )
+            ]
+        ),
+    )
+
+
+def make_network_policy(project: str, hub_namespace: str, allowed_components: tuple[str, ...] = ("hub", "proxy")) -> V1NetworkPolicy:
+    """Default deny for the project's pods: only the hub and the proxy may connect to them.
+
+    Pods of the project may still talk to each other (a notebook and its dask workers, say).
+    Egress is left open (package mirrors, MLflow, the hub API).
+    """
+    from_hub = [
+        V1NetworkPolicyPeer(
+            namespace_selector=V1LabelSelector(match_labels={"kubernetes.io/metadata.name": hub_namespace}),
+            pod_selector=V1LabelSelector(
+                match_expressions=[
+                    V1LabelSelectorRequirement(key="app.kubernetes.io/component", operator="In", values=list(allowed_components))
+                ]
+            ),
+        ),
+        V1NetworkPolicyPeer(pod_selector=V1LabelSelector()),
+    ]
+    return V1NetworkPolicy(
+        metadata=V1ObjectMeta(name="labyard-default-deny", namespace=namespace_for(project), labels=labels_for("netpol", project)),
+        spec=V1NetworkPolicySpec(
+            pod_selector=V1LabelSelector(),
+            policy_types=["Ingress"],
+            ingress=[V1NetworkPolicyIngressRule(_from=from_hub)],
+        ),
+    )
+
+
+def make_project_pvc(project: str, size: str, storage_class: str | None = None,
+                     access_modes: tuple[str, ...] = ("ReadWriteMany",)) -> V1PersistentVolumeClaim:
+    """The project's shared volume (RWX; NFS on real clusters). Never deleted by Labyard."""
+    return V1PersistentVolumeClaim(
+        metadata=V1ObjectMeta(name=project_claim_name(project), namespace=namespace_for(project), labels=labels_for("project-volume", project)),
+        spec=V1PersistentVolumeClaimSpec(
+            access_modes=list(access_modes),
+            storage_class_name=storage_class,
+            resources=V1VolumeResourceRequirements(requests={"storage": size}),
+        ),
+    )
+
+
+def make_role_binding(project: str, name: str, cluster_role: str, service_account: str, sa_namespace: str) -> V1RoleBinding:
+    """Grant a platform service account a (cluster-defined) role inside one project namespace only."""
+    return V1RoleBinding(
+        metadata=V1ObjectMeta(name=name, namespace=namespace_for(project), labels=labels_for("rbac", project)),
+        role_ref=V1RoleRef(api_group="rbac.authorization.k8s.io", kind="ClusterRole", name=cluster_role),
+        subjects=[RbacV1Subject(kind="ServiceAccount", name=service_account, namespace=sa_namespace)],
+    )
+
+
+_SUFFIXES = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+
+
+def parse_quantity(quantity: str | int | float) -> Decimal:
+    """A Kubernetes quantity (``500m``, ``8Gi``, ``2``) as a number (cores, bytes, count)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(quantity))
+    if not match or match.group(2) not in _SUFFIXES:
+        raise ValueError(f"not a Kubernetes quantity: {quantity!r}")
+    return Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
+
+
+def make_home_volume(username: str, mount_path: str) -> tuple[V1Volume, V1VolumeMount]:
+    """The user's home volume in a project namespace (created by the spawner on first start)."""
+    volume = V1Volume(
+        name="home",
+        persistent_volume_claim=V1PersistentVolumeClaimVolumeSource(claim_name=home_claim_name(username)),
+    )
+    return volume, V1VolumeMount(name="home", mount_path=mount_path)
