@@ -115,3 +115,20 @@ class ProjectSpawnerMixin(Configurable):
         """Environment every server of a project gets."""
         assert self.project and self.flavor
         return {"LABYARD_PROJECT": self.project.name, "LABYARD_FLAVOR": self.flavor.name}
+
+    def get_state(self):
+        """Also record the flavour and its GPUs, for the GPU-aware idle culler and admins."""
+        state = super().get_state()
+        if self.flavor is not None:
+            state.update(flavor=self.flavor.name, gpus=self.flavor.gpus)
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        name = state.get("flavor")
+        if name and name in self.policy.flavors:
+            self.flavor = self.policy.flavors[name]
+
+    def clear_state(self):
+        super().clear_state()
+        self.flavor = None
