@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from . import demo, hub_config_file
+from .culler import culler_config
 from .settings import SETTINGS_ENV, Settings
 from .slapd import Slapd, directory_ldif, free_port
 
@@ -108,11 +109,12 @@ async def wait_http(url: str, timeout: float, child: Child | None = None) -> Non
 class Platform:
     """Builds the settings and the children for one ``labyard up``."""
 
-    def __init__(self, data_dir: Path, port: int, demo_mode: bool, config: Path | None):
+    def __init__(self, data_dir: Path, port: int, demo_mode: bool, config: Path | None, kubeconfig: Path | None = None):
         self.data_dir = data_dir.absolute()
         self.port = port
         self.demo = demo_mode
         self.config = config
+        self.kubeconfig = kubeconfig.absolute() if kubeconfig else None
         self.children: list[Child] = []
         self.logs = self.data_dir / "logs"
         self.slapd: Slapd | None = None
@@ -162,17 +164,27 @@ class Platform:
         self._secret("proxy-token")
         # an MLflow server of the admin's (mlflow_url in the config) replaces the embedded one
         mlflow_port = None if own.get("mlflow_url") else free_port()
+        hub_port = own.get("hub_port") or free_port()
+        if self.kubeconfig:
+            kube = own.setdefault("kubernetes", {})
+            kube["kubeconfig"] = str(self.kubeconfig)
+            # the hub runs on this machine: pods reach it on loopback (the testbed runs pods here)
+            kube.setdefault("hub_connect_url", f"http://127.0.0.1:{hub_port}")
+            if self.demo:
+                # in the testbed, pods with this label really run (tests/k8s, docs/dev/testbed.md)
+                kube.setdefault("pod_labels", {"labyard.dev/run-local": "true"})
         try:
             settings = Settings.model_validate({
                 **own,
                 "data_dir": str(self.data_dir),
                 "bind_url": f"http://127.0.0.1:{self.port}",
-                "hub_port": own.get("hub_port") or free_port(),
+                "hub_port": hub_port,
                 "proxy_api_port": own.get("proxy_api_port") or free_port(),
                 "mlflow_url": own.get("mlflow_url") or f"http://127.0.0.1:{mlflow_port}",
             })
         except ValueError as e:
             raise SetupError(str(e)) from e
+        (self.data_dir / "culler_config.py").write_text(culler_config(settings.cull.gpu_timeout))
         settings.dump(self.data_dir / "settings.yaml")
         self._children(settings, mlflow_port)
         return settings
@@ -201,7 +213,8 @@ class Platform:
         self.children.append(Child(
             "hub",
             [hub, "-f", str(hub_config_file())],
-            env={SETTINGS_ENV: str(self.data_dir / "settings.yaml"), "JUPYTERHUB_CRYPT_KEY": self._secret("auth-state-key")},
+            env={SETTINGS_ENV: str(self.data_dir / "settings.yaml"), "JUPYTERHUB_CRYPT_KEY": self._secret("auth-state-key"),
+                 **({"KUBECONFIG": str(s.kubernetes.kubeconfig)} if s.kubernetes and s.kubernetes.kubeconfig else {})},
             log_file=self.logs / "jupyterhub.log",
             stop_timeout=30,
         ))
@@ -257,8 +270,11 @@ class Platform:
         if self.demo:
             lines += [
                 f"  demo users (password {demo.PASSWORD!r}): alice (vision, nlp), bob (vision), carol (nlp), admin (hub admin)",
-                "  local mode: servers run as this system user; users are not isolated from each other",
             ]
+        if self.kubeconfig:
+            lines.append(f"  Kubernetes mode: servers are pods in labyard-<project> namespaces of {self.kubeconfig}")
+        elif self.demo:
+            lines.append("  local mode: servers run as this system user; users are not isolated from each other")
         lines.append("Press Ctrl-C to stop.")
         print("\n".join(lines), flush=True)
 
