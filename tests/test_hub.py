@@ -5,10 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-import ldap3
 import pytest
 import requests
-import yaml
 
 from labyard_hub import demo
 
@@ -34,12 +32,6 @@ def alice(stack):
 @pytest.fixture(scope="module")
 def bob(stack):
     return stack.api("bob")
-
-
-def demo_ldap(stack: Stack) -> ldap3.Connection:
-    settings = yaml.safe_load((stack.data_dir / "settings.yaml").read_text())
-    root_pw = (stack.data_dir / "secrets" / "ldap-root").read_text().strip()
-    return ldap3.Connection(settings["ldap"]["server_urls"][0], f"cn=admin,{demo.SUFFIX}", root_pw, auto_bind=True, raise_exceptions=True)
 
 
 def test_alice_is_in_vision_and_nlp(stack, alice):
@@ -113,7 +105,7 @@ def test_default_server_needs_a_project(alice):
 
 def test_group_removal_applies_without_new_login(stack):
     bob = stack.api("bob")
-    conn = demo_ldap(stack)
+    conn = stack.demo_ldap()
     dn = f"cn=vision,ou=projects,{demo.SUFFIX}"
     conn.modify(dn, {"memberUid": [("MODIFY_DELETE", ["bob"])]})
     try:

@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ctl = sub.add_parser("controller", help="run the project controller (a hub service; reads $LABYARD_SETTINGS)")
     ctl.add_argument("--once", action="store_true", help="one reconcile pass, print what it did, exit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[labyard %(asctime)s] %(message)s", datefmt="%H:%M:%S")
 
     if args.command == "controller":
         from .kube.service import run_controller
 
         return asyncio.run(run_controller(once=args.once))
     if args.command == "up":
+        logging.basicConfig(level=logging.INFO, format="[labyard %(asctime)s] %(message)s", datefmt="%H:%M:%S")
         if args.kubernetes != bool(args.kubeconfig):
             parser.error("--kubernetes and --kubeconfig go together")
         platform = Platform(args.data_dir or _default_data_dir(), args.port, args.demo, args.config, args.kubeconfig)

@@ -18,12 +18,13 @@ from labyard_hub.slapd import free_port
 
 
 class Stack:
-    def __init__(self, data_dir: Path, config: dict | None = None, demo_mode: bool = True):
+    def __init__(self, data_dir: Path, config: dict | None = None, demo_mode: bool = True, kubeconfig: str | None = None):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = config or {}
         self.demo = demo_mode
+        self.kubeconfig = kubeconfig
         self.proc: subprocess.Popen | None = None
         self.log = data_dir / "labyard-up.log"
         self._seen: set[psutil.Process] = set()
@@ -33,6 +34,8 @@ class Stack:
         argv = [sys.executable, "-m", "labyard_hub.cli", "up", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         if self.demo:
             argv.append("--demo")
+        if self.kubeconfig:
+            argv += ["--kubernetes", "--kubeconfig", str(self.kubeconfig)]
         if self.config:
             cfg = self.data_dir / "config.yaml"
             cfg.write_text(yaml.safe_dump(self.config))
@@ -72,6 +75,15 @@ class Stack:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return sorted(found, key=lambda p: p.pid)
+
+    def demo_ldap(self):
+        """A rootdn connection to the demo directory, to change it during a test."""
+        import ldap3
+
+        settings = yaml.safe_load((self.data_dir / "settings.yaml").read_text())
+        root_pw = (self.data_dir / "secrets" / "ldap-root").read_text().strip()
+        return ldap3.Connection(settings["ldap"]["server_urls"][0], f"cn=admin,{demo.SUFFIX}", root_pw,
+                                auto_bind=True, raise_exceptions=True)
 
     def hub_log(self) -> str:
         return (self.data_dir / "logs" / "jupyterhub.log").read_text()

@@ -43,7 +43,8 @@ def make_controller(settings: Settings, api: ApiClient) -> ProjectController:
 
 
 async def run_controller(once: bool = False) -> int:
-    logging.basicConfig(level=logging.INFO, format="[labyard-controller %(asctime)s] %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="[labyard-controller %(asctime)s] %(message)s")
+    log.setLevel(logging.INFO)
     settings = Settings.load()
     api = await _api_client(settings.kubernetes.kubeconfig if settings.kubernetes else None)
     controller = make_controller(settings, api)

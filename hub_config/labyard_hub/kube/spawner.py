@@ -79,6 +79,12 @@ class ProjectKubeSpawner(ProjectSpawnerMixin, KubeSpawner):
     def _default_url_default(self) -> str:
         return "/lab"
 
+    @default("cmd")
+    def _cmd_default(self) -> list[str]:
+        # Labyard's single-user images start the server explicitly (and the testbed's pod
+        # runner needs a command: it cannot read an image's entrypoint)
+        return ["jupyterhub-singleuser"]
+
     @default("events_enabled")
     def _events_default(self) -> bool:
         return True
@@ -134,24 +140,25 @@ class ProjectKubeSpawner(ProjectSpawnerMixin, KubeSpawner):
     async def _timed(self, coro):
         return await asyncio.wait_for(coro, self.capacity_check_timeout)
 
-    async def gpu_capacity(self, flavor: Flavor) -> tuple[int, int, int]:
-        """(largest node, total, free) GPUs of ``flavor``'s resource on nodes the flavour may use."""
+    async def gpu_nodes(self, flavor: Flavor) -> dict[str, int]:
+        """Allocatable GPUs of ``flavor``'s resource per node the flavour may be placed on."""
         nodes = (await self._timed(self.api.list_node())).items
-        usable = [
-            n for n in nodes
-            if all((n.metadata.labels or {}).get(k) == v for k, v in objects.make_node_selector(flavor).items())
+        selector = objects.make_node_selector(flavor)
+        return {
+            n.metadata.name: int(objects.parse_quantity((n.status.allocatable or {}).get(flavor.gpu_resource, 0)))
+            for n in nodes
+            if all((n.metadata.labels or {}).get(k) == v for k, v in selector.items())
             and _tolerates(flavor, n.spec.taints) and not n.spec.unschedulable
-        ]
-        allocatable = {n.metadata.name: int(objects.parse_quantity((n.status.allocatable or {}).get(flavor.gpu_resource, 0))) for n in usable}
-        if not allocatable:
-            return 0, 0, 0
+        }
+
+    async def free_gpus(self, flavor: Flavor, allocatable: dict[str, int]) -> int:
+        """GPUs not requested by any live pod on those nodes (reads every pod: for the form only)."""
         used: dict[str, Decimal] = defaultdict(Decimal)
         pods = (await self._timed(self.api.list_pod_for_all_namespaces(field_selector="status.phase!=Succeeded,status.phase!=Failed"))).items
         for pod in pods:
             if pod.spec.node_name in allocatable:
                 used[pod.spec.node_name] += _requests(pod, flavor.gpu_resource)
-        free = sum(max(0, a - int(used[n])) for n, a in allocatable.items())
-        return max(allocatable.values()), sum(allocatable.values()), free
+        return sum(max(0, a - int(used[n])) for n, a in allocatable.items())
 
     async def quota_room(self, project: str, flavor: Flavor) -> list[tuple[str, Decimal, Decimal]]:
         """For each quota'd resource the flavour asks for: (resource, used, hard)."""
@@ -172,33 +179,46 @@ class ProjectKubeSpawner(ProjectSpawnerMixin, KubeSpawner):
         return rows
 
     async def check_fits(self) -> None:
-        """Refuse, with a reason, a request that no node could ever hold or the project quota cannot."""
+        """Refuse, with a reason, a request that no node could ever hold or the project quota cannot.
+
+        The node and quota reads run concurrently, each with ``capacity_check_timeout``; if the
+        API does not answer in time the check is skipped and Kubernetes decides.
+        """
         flavor, project = self.flavor, self.project
+        skipped = None
         try:
-            if flavor.gpus:
-                largest, total, _ = await self.gpu_capacity(flavor)
-                if largest < flavor.gpus:
-                    where = f" ({flavor.gpu_product})" if flavor.gpu_product else ""
-                    raise SpawnException(
-                        f"No node in the cluster has {flavor.gpus} × {flavor.gpu_resource}{where} for flavor {flavor.name!r}: "
-                        f"the largest has {largest} (of {total} in all).",
-                        reason="capacity", status_code=409,
-                    )
-            asks = objects.make_resources(flavor)
-            for key, used, hard in await self.quota_room(project.name, flavor):
-                ask = objects.parse_quantity((asks.requests if key.startswith("requests.") else asks.limits)[key.split(".", 1)[1]])
-                if used + ask > hard:
-                    holders = await self._quota_holders(project.name)
-                    raise SpawnException(
-                        f"Project {project.name!r} quota exceeded for {key}: {flavor.name!r} needs {ask}, "
-                        f"{used} of {hard} already in use{holders}. Stop a server or choose a smaller flavor.",
-                        reason="quota", status_code=403,
-                    )
-        except (ApiException, asyncio.TimeoutError) as e:
-            self.log.warning("capacity check for %s skipped: %s", self._log_name, getattr(e, "reason", e) or type(e).__name__)
+            async with asyncio.TaskGroup() as tg:
+                nodes = tg.create_task(self.gpu_nodes(flavor)) if flavor.gpus else None
+                room = tg.create_task(self.quota_room(project.name, flavor))
+        except* (ApiException, asyncio.TimeoutError) as group:
+            skipped = group.exceptions[0]
+        if skipped is not None:
+            self.log.warning("capacity check for %s skipped: %s", self._log_name, getattr(skipped, "reason", skipped) or type(skipped).__name__)
+            return
+        if nodes is not None:
+            allocatable = nodes.result()
+            largest = max(allocatable.values(), default=0)
+            if largest < flavor.gpus:
+                where = f" ({flavor.gpu_product})" if flavor.gpu_product else ""
+                raise SpawnException(
+                    f"No node in the cluster has {flavor.gpus} × {flavor.gpu_resource}{where} for flavor {flavor.name!r}: "
+                    f"the largest has {largest} (of {sum(allocatable.values())} in all).",
+                    reason="capacity", status_code=409,
+                )
+        asks = objects.make_resources(flavor)
+        for key, used, hard in room.result():
+            kind, resource = key.split(".", 1)
+            ask = objects.parse_quantity((asks.requests if kind == "requests" else asks.limits)[resource])
+            if used + ask > hard:
+                holders = await self._quota_holders(project.name)
+                raise SpawnException(
+                    f"Project {project.name!r} quota exceeded for {key}: {flavor.name!r} needs {ask}, "
+                    f"{used} of {hard} already in use{holders}. Stop a server or choose a smaller flavor.",
+                    reason="quota", status_code=403,
+                )
 
     async def _quota_holders(self, project: str) -> str:
-        pods = (await self._timed(self.api.list_namespaced_pod(objects.namespace_for(project), label_selector="app.kubernetes.io/name=labyard"))).items
+        pods = (await self._timed(self.api.list_namespaced_pod(objects.namespace_for(project), label_selector=f"{objects.LABEL_PREFIX}project={objects.label_value(project)}"))).items
         names = [
             f"{(p.metadata.labels or {}).get('labyard.dev/user', '?')} ({(p.metadata.labels or {}).get('labyard.dev/flavor', p.metadata.name)})"
             for p in pods if p.status.phase in _LIVE
@@ -216,8 +236,9 @@ class ProjectKubeSpawner(ProjectSpawnerMixin, KubeSpawner):
             if not flavor.gpus:
                 continue
             try:
-                _, total, free = await self.gpu_capacity(flavor)
-                note = f"{free} of {total} GPUs free now"
+                allocatable = await self.gpu_nodes(flavor)
+                free = await self.free_gpus(flavor, allocatable)
+                note = f"{free} of {sum(allocatable.values())} GPUs free now"
                 for key, used, hard in await self.quota_room(project, flavor):
                     if key == f"requests.{flavor.gpu_resource}":
                         note += f"; project quota: {hard - used} of {hard} left"

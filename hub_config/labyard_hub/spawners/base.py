@@ -51,6 +51,11 @@ class ProjectSpawnerMixin(Configurable):
     def _options_form_default(self):
         return ProjectSpawnerMixin.render_options_form
 
+    @default("apply_user_options")
+    def _apply_user_options_default(self):
+        # the only user option, "flavor", is checked and applied in authorize()
+        return lambda spawner, user_options: None
+
     def offered_flavors(self, project: str) -> list[Flavor]:
         """Flavours to offer for a project (subclasses narrow this, e.g. local mode has no GPUs)."""
         return self.policy.allowed_flavors(project)
