@@ -55,8 +55,9 @@ else:
         c.ProjectKubeSpawner.hub_connect_url = k.hub_connect_url
     if k.kubeconfig:
         service_env["KUBECONFIG"] = str(k.kubeconfig)
+    controller_env = {**service_env, **({"KUBECONFIG": str(k.controller_kubeconfig)} if k.controller_kubeconfig else {})}
     services.append(
-        {"name": "labyard-controller", "command": [sys.executable, "-m", "labyard_hub.cli", "controller"], "environment": service_env}
+        {"name": "labyard-controller", "command": [sys.executable, "-m", "labyard_hub.cli", "controller"], "environment": controller_env}
     )
 
 if s.cull.enabled:

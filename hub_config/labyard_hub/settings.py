@@ -25,7 +25,9 @@ class KubernetesSettings(BaseModel):
     kubeconfig: Path | None = Field(None, description="kubeconfig of the cluster; None: in-cluster service account.")
     hub_namespace: str = Field("labyard", description="Namespace of the hub and proxy (network policies let them in).")
     hub_connect_url: str | None = Field(None, description="How pods reach the hub API, e.g. http://hub.labyard:8081.")
-    hub_service_account: str = "hub"
+    controller_kubeconfig: Path | None = Field(None, description="kubeconfig of the project controller; None: the same as kubeconfig.")
+    hub_service_account: str = Field("hub", description="Service account of the hub (granted labyard-hub-project in each project namespace).")
+    scheduler_service_account: str = Field("scheduler", description="Service account of the scheduler (granted labyard-scheduler-project).")
     image: str = Field("labyard/singleuser:0.1.0", description="Default single-user image (a project's policy may set its own).")
     image_pull_policy: str = "IfNotPresent"
     pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every server pod.")

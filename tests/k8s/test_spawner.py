@@ -7,6 +7,7 @@ pod's uid, gid and volumes, so the hub reaches JupyterLab through the proxy.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,16 +39,53 @@ def policy_file(tmp_path_factory) -> Path:
     return path
 
 
+HELM_CHART = Path(__file__).resolve().parents[2] / "helm" / "labyard"
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, k8s_testbed, policy_file):
-    config = {"policy_file": str(policy_file), "kubernetes": {"controller_interval": 2}, "cull": {"enabled": False}}
-    s = Stack(tmp_path_factory.mktemp("labyard-k8s"), config=config, kubeconfig=k8s_testbed.kubeconfig).start()
+def service_accounts(tmp_path_factory, k8s_testbed) -> dict[str, Path]:
+    """The chart's RBAC applied in namespace ``labyard``; a kubeconfig per service account.
+
+    The hub and the controller below run with these, not as cluster admin: the tests prove the
+    documented rules are enough.
+    """
+    tb = k8s_testbed
+    tb.kubectl("create", "namespace", "labyard", check=False)
+    rendered = tb.helm("template", "labyard", str(HELM_CHART), "--namespace", "labyard").stdout
+    tb.kubectl("apply", "-f", "-", input=rendered)
+    admin = json.loads(Path(tb.kubeconfig).read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    out = tmp_path_factory.mktemp("sa")
+    paths = {}
+    for sa in ("hub", "project-controller"):
+        token = tb.kubectl("create", "token", sa, "-n", "labyard", "--duration=2h").stdout.strip()
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": sa,
+            "clusters": [{"name": "testbed", "cluster": cluster}],
+            "users": [{"name": sa, "user": {"token": token}}],
+            "contexts": [{"name": sa, "context": {"cluster": "testbed", "user": sa}}],
+        }
+        paths[sa] = out / f"{sa}.kubeconfig"
+        paths[sa].write_text(json.dumps(config))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, k8s_testbed, policy_file, service_accounts):
+    config = {
+        "policy_file": str(policy_file),
+        "kubernetes": {"controller_interval": 2, "controller_kubeconfig": str(service_accounts["project-controller"])},
+        "cull": {"enabled": False},
+    }
+    s = Stack(tmp_path_factory.mktemp("labyard-k8s"), config=config, kubeconfig=str(service_accounts["hub"])).start()
     # the project controller has made the project namespaces
     wait_for(lambda: all(_exists(k8s_testbed, f"/api/v1/namespaces/labyard-{p}") for p in ("vision", "nlp")), 60, "project namespaces")
-    yield s
-    for user, server in (("alice", "vision"), ("alice", "nlp")):
-        s.api(user).delete(f"{s.url}/hub/api/users/{user}/servers/{server}")
-    s.stop()
+    try:
+        yield s
+        for user, server in (("alice", "vision"), ("alice", "nlp")):
+            s.api(user).delete(f"{s.url}/hub/api/users/{user}/servers/{server}")
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +115,23 @@ def alice_servers(stack, alice):
     return alice
 
 
+def test_service_accounts_hold_no_more_than_documented(k8s_testbed, service_accounts, stack):
+    def can(sa, *args):
+        r = k8s_testbed.kubectl("auth", "can-i", *args, f"--as=system:serviceaccount:labyard:{sa}", check=False)
+        return r.stdout.strip() == "yes"
+
+    assert can("hub", "create", "pods", "-n", "labyard-vision")
+    assert not can("hub", "create", "pods", "-n", "default")
+    assert not can("hub", "create", "namespaces")
+    assert not can("hub", "get", "secrets", "-n", "labyard-vision")
+    assert can("hub", "list", "nodes") and not can("hub", "delete", "nodes")
+    assert can("project-controller", "create", "namespaces")
+    assert not can("project-controller", "delete", "namespaces")
+    assert not can("project-controller", "create", "pods", "-n", "labyard-vision")
+    assert can("scheduler", "create", "jobs.batch", "-n", "labyard-vision")
+    assert not can("scheduler", "create", "pods", "-n", "labyard-vision")
+
+
 def test_project_controller_made_the_namespaces(k8s_testbed, stack):
     quota = k8s_testbed.api.get("/api/v1/namespaces/labyard-vision/resourcequotas/labyard-quota")
     assert quota["spec"]["hard"]["requests.nvidia.com/gpu"] == "1"
@@ -88,6 +143,9 @@ def test_project_controller_made_the_namespaces(k8s_testbed, stack):
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["resources"]["requests"]["storage"] == "500Gi"
     binding = k8s_testbed.api.get("/apis/rbac.authorization.k8s.io/v1/namespaces/labyard-vision/rolebindings/labyard-hub")
     assert binding["roleRef"]["name"] == "labyard-hub-project"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "hub", "namespace": "labyard"}]
+    scheduler = k8s_testbed.api.get("/apis/rbac.authorization.k8s.io/v1/namespaces/labyard-vision/rolebindings/labyard-scheduler")
+    assert scheduler["roleRef"]["name"] == "labyard-scheduler-project"
 
 
 def test_gpu_pod_spec(k8s_testbed, alice_servers):

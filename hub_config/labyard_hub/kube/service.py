@@ -35,7 +35,10 @@ def make_controller(settings: Settings, api: ApiClient) -> ProjectController:
     assert k is not None, "the project controller needs `kubernetes:` settings"
     ldap = LDAPAuthenticator(**settings.ldap)
     policy = ProjectPolicy.from_yaml(settings.policy_file) if settings.policy_file else ProjectPolicy()
-    grants = [Grant("labyard-hub", "labyard-hub-project", k.hub_service_account, k.hub_namespace)]
+    grants = [
+        Grant("labyard-hub", "labyard-hub-project", k.hub_service_account, k.hub_namespace),
+        Grant("labyard-scheduler", "labyard-scheduler-project", k.scheduler_service_account, k.hub_namespace),
+    ]
     return ProjectController(
         api, ldap.list_projects, policy, k.hub_namespace, grants,
         storage_class=k.storage_class, delete_orphaned_namespaces=k.delete_orphaned_namespaces,
@@ -46,7 +49,8 @@ async def run_controller(once: bool = False) -> int:
     logging.basicConfig(level=logging.WARNING, format="[labyard-controller %(asctime)s] %(message)s")
     log.setLevel(logging.INFO)
     settings = Settings.load()
-    api = await _api_client(settings.kubernetes.kubeconfig if settings.kubernetes else None)
+    k = settings.kubernetes
+    api = await _api_client((k.controller_kubeconfig or k.kubeconfig) if k else None)
     controller = make_controller(settings, api)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
