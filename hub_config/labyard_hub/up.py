@@ -201,6 +201,8 @@ class Platform:
                 "mlflow",
                 [mlflow, "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
                  "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
+                # no MLflow server jobs (GenAI evaluation): they start seven worker processes
+                env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                 log_file=self.logs / "mlflow.log",
             ))
         self.children.append(Child(

@@ -51,6 +51,11 @@ class ProjectSpawnerMixin(Configurable):
     def _options_form_default(self):
         return ProjectSpawnerMixin.render_options_form
 
+    @default("http_timeout")
+    def _http_timeout_default(self) -> int:
+        # JupyterLab with its extensions can take over 30 s to answer on a busy node
+        return 120
+
     @default("apply_user_options")
     def _apply_user_options_default(self):
         # the only user option, "flavor", is checked and applied in authorize()
