@@ -120,7 +120,7 @@ class Stack:
         s.base = f"{self.url}/hub/api"
         return s
 
-    def wait_ready(self, api: requests.Session, username: str, server: str, timeout: float = 60) -> dict:
+    def wait_ready(self, api: requests.Session, username: str, server: str, timeout: float = 180) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             model = api.get(f"{api.base}/users/{username}", timeout=10).json()["servers"].get(server) or {}
