@@ -12,10 +12,11 @@ import sys
 
 from traitlets import HasTraits
 
+from .kube.spawner import ProjectKubeSpawner
 from .ldap import LDAPAuthenticator
 from .spawners import LocalProjectSpawner
 
-CLASSES: list[type[HasTraits]] = [LDAPAuthenticator, LocalProjectSpawner]
+CLASSES: list[type[HasTraits]] = [LDAPAuthenticator, LocalProjectSpawner, ProjectKubeSpawner]
 
 
 def _own_traits(cls: type[HasTraits]) -> dict:
