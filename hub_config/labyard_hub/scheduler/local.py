@@ -1,0 +1,307 @@
+"""The local backend (``labyard up``): state in sqlite, runs as papermill subprocesses.
+
+* State lives in ``<data dir>/scheduler.sqlite``; every sqlite call runs on one dedicated
+  thread, never on the event loop.
+* A loop (every ``tick`` seconds) fires cron schedules (croniter, in the schedule's timezone)
+  and collects finished runs. A cron time is recorded as handled *before* its run starts, and a
+  run is recorded (``pending``) before its process starts, so a restart never runs a time twice;
+  a ``pending`` run without a process is started after a restart.
+* Missed times (the service was down): ``missed_runs: run_once`` runs the latest of them once,
+  ``skip`` skips them; times more than ``grace`` seconds late count as missed.
+* Each run is ``python -m labyard_hub.scheduler.runner RUN_DIR`` in its own session: it keeps
+  running while the service restarts, and its ``result.json`` is collected afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+from .backend import Backend, log
+from .models import Run, RunStatus, Schedule, now
+
+#: environment variables a run inherits from the service (never its hub token)
+_KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "JUPYTER_PATH")
+
+
+def _proc_start(pid: int) -> float | None:
+    """The start time of a process (clock ticks since boot), to tell it from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None
+    return float(fields[19])
+
+
+class LocalBackend(Backend):
+    def __init__(self, *args, tick: float = 1.0, grace: float = 60.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tick = tick
+        self.grace = grace
+        self.runs_dir = self.data_dir / "runs"
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="scheduler-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._lock = asyncio.Lock()
+
+    # ---- sqlite (one thread) ---------------------------------------------------------
+    def _connect(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.data_dir / "scheduler.sqlite")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript("""
+            CREATE TABLE IF NOT EXISTS schedules (id TEXT PRIMARY KEY, project TEXT NOT NULL, body TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, schedule_id TEXT NOT NULL, project TEXT NOT NULL,
+                                             status TEXT NOT NULL, created TEXT NOT NULL, body TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS runs_schedule ON runs (schedule_id);
+            CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
+        """)
+        self._db = db
+
+    async def _sql(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
+
+    def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._db:
+            return self._db.execute(sql, args).fetchall()
+
+    async def _save_schedule(self, s: Schedule) -> None:
+        await self._sql(self._q, "INSERT OR REPLACE INTO schedules VALUES (?, ?, ?)", (s.id, s.project, s.model_dump_json()))
+
+    async def _load_schedule(self, schedule_id: str) -> Schedule | None:
+        rows = await self._sql(self._q, "SELECT body FROM schedules WHERE id = ?", (schedule_id,))
+        return Schedule.model_validate_json(rows[0][0]) if rows else None
+
+    async def _list_schedules(self, projects: list[str] | None) -> list[Schedule]:
+        rows = await self._sql(self._q, "SELECT body FROM schedules ORDER BY rowid")
+        schedules = [Schedule.model_validate_json(r[0]) for r in rows]
+        return [s for s in schedules if projects is None or s.project in projects]
+
+    async def _delete_schedule(self, s: Schedule) -> None:
+        await self._sql(self._q, "DELETE FROM schedules WHERE id = ?", (s.id,))
+
+    def _run_row(self, run: Run) -> tuple:
+        body = json.dumps({**run.model_dump(mode="json"), "pid": run.pid, "pid_started": run.pid_started})
+        return (run.id, run.schedule_id, run.project, run.status.value, run.created.isoformat(), body)
+
+    async def _save_run(self, run: Run) -> None:
+        await self._sql(self._q, "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?)", self._run_row(run))
+
+    async def _load_run(self, run_id: str) -> Run | None:
+        rows = await self._sql(self._q, "SELECT body FROM runs WHERE id = ?", (run_id,))
+        return Run.model_validate_json(rows[0][0]) if rows else None
+
+    async def _list_runs(self, schedule_id: str | None = None, projects: list[str] | None = None,
+                         unfinished: bool = False) -> list[Run]:
+        sql, args = "SELECT body FROM runs WHERE 1=1", []
+        if schedule_id:
+            sql += " AND schedule_id = ?"
+            args.append(schedule_id)
+        if unfinished:
+            sql += " AND status IN ('pending', 'running')"
+        rows = await self._sql(self._q, sql + " ORDER BY created DESC", tuple(args))
+        runs = [Run.model_validate_json(r[0]) for r in rows]
+        return [r for r in runs if projects is None or r.project in projects]
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._sql(self._connect)
+        await self.tick_once()  # adopt runs left by a previous instance, handle missed times
+        self._loop_task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Stop the loop; runs in flight keep going and are collected by the next instance."""
+        if self._loop_task:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        if self._db is not None:
+            await self._sql(self._db.close)
+        self._db_thread.shutdown(wait=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                await self.tick_once()
+            except Exception:
+                log.exception("scheduler tick failed")
+
+    async def tick_once(self) -> None:
+        async with self._lock:
+            await self._collect()
+            await self._fire_due()
+
+    # ---- cron ------------------------------------------------------------------------
+    async def _fire_due(self) -> None:
+        t = now()
+        for s in await self._list_schedules(None):
+            if s.paused or not s.cron:
+                continue
+            last = s.last_fire or s.created
+            due = s.next_fire(last)
+            if due is None or due > t:
+                continue
+            latest = due
+            while True:  # the latest due time (never more than one run for all of them)
+                following = s.next_fire(latest)
+                if following is None or following > t:
+                    break
+                latest = following
+            late = (t - latest).total_seconds() > self.grace
+            fire = not late or s.missed_runs == "run_once"
+            s.last_fire = latest
+            s.next_run = s.next_fire(latest)
+            await self._save_schedule(s)
+            if not fire:
+                log.info("schedule %s: skipping missed time %s (missed_runs: skip)", s.id, latest)
+                continue
+            active = await self._list_runs(schedule_id=s.id, unfinished=True)
+            if active and s.concurrency == "forbid":
+                log.info("schedule %s: run %s still active; not starting another (concurrency: forbid)", s.id, active[0].id)
+                continue
+            if active and s.concurrency == "replace":
+                for r in active:
+                    await self._cancel_run(r)
+            log.info("schedule %s: firing for %s%s", s.id, latest, " (missed)" if late else "")
+            await self._new_run(None, s, {}, "cron")
+
+    # ---- runs ------------------------------------------------------------------------
+    def _run_dir(self, run: Run) -> Path:
+        return self.runs_dir / run.id
+
+    async def _start_run(self, schedule: Schedule, run: Run) -> Run:
+        rdir = self._run_dir(run)
+        project_dir = self.project_dir(run.project)
+        project_dir.mkdir(parents=True, exist_ok=True)
+        rdir.mkdir(parents=True, exist_ok=True)
+        env = {
+            "LABYARD_USER": run.owner,
+            "LABYARD_PROJECT": run.project,
+            "LABYARD_PROJECT_DIR": str(project_dir),
+            "LABYARD_FLAVOR": run.flavor,
+            "LABYARD_NOTEBOOK": run.notebook,
+            "LABYARD_NOTEBOOK_SHA256": run.notebook_sha256,
+            "LABYARD_SCHEDULE_ID": run.schedule_id,
+            "LABYARD_RUN_ID": run.id,
+            # the kernel side (MLflow autolog) writes {"mlflow_run_id": ...} here
+            "LABYARD_RUN_RECORD": str(rdir / "record.json"),
+        }
+        if self.mlflow_url:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_url
+        spec = {
+            "input": str(self.snapshots.path(run.notebook_sha256)),
+            "output": str(rdir / "output.ipynb"),
+            "parameters": run.parameters,
+            "cwd": str(project_dir),
+            "env": env,
+            "timeout_seconds": run.timeout_seconds,
+            "retries": run.retries,
+            "log": str(rdir / "log.txt"),
+        }
+        (rdir / "spec.json").write_text(json.dumps(spec))
+        base_env = {k: os.environ[k] for k in _KEEP_ENV if k in os.environ}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "labyard_hub.scheduler.runner", str(rdir),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=open(rdir / "runner.err", "ab"), env=base_env, cwd=str(project_dir), start_new_session=True,
+        )
+        self._children[run.id] = proc
+        asyncio.get_running_loop().create_task(self._reap(run.id, proc))
+        run = run.model_copy(update={"status": RunStatus.running, "started": now(), "pid": proc.pid,
+                                     "pid_started": _proc_start(proc.pid)})
+        await self._save_run(run)
+        log.info("run %s of schedule %s started (pid %d)", run.id, run.schedule_id, proc.pid)
+        return run
+
+    async def _reap(self, run_id: str, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        self._children.pop(run_id, None)
+
+    def _alive(self, run: Run) -> bool:
+        if run.id in self._children:
+            return True
+        return run.pid is not None and _proc_start(run.pid) is not None and _proc_start(run.pid) == run.pid_started
+
+    async def _collect(self) -> None:
+        """Finish runs whose runner wrote a result; fail runs whose runner vanished; start lost pending runs."""
+        for run in await self._list_runs(unfinished=True):
+            rdir = self._run_dir(run)
+            result = rdir / "result.json"
+            if result.exists():
+                await self._finish(run, json.loads(result.read_text()))
+            elif run.status == RunStatus.pending and run.pid is None:
+                schedule = await self._load_schedule(run.schedule_id)
+                if schedule is not None:
+                    log.info("run %s was recorded but never started; starting it", run.id)
+                    await self._start_run(schedule, run)
+                else:
+                    await self._finish(run, {"status": "cancelled", "error": "schedule deleted before the run started"})
+            elif not self._alive(run):
+                await asyncio.sleep(0.2)  # the runner may be writing its result right now
+                if result.exists():
+                    await self._finish(run, json.loads(result.read_text()))
+                else:
+                    await self._finish(run, {"status": "failed", "error": "the run's process ended without a result (killed?)"})
+            else:
+                state = rdir / "state.json"
+                if state.exists():
+                    try:
+                        attempts = json.loads(state.read_text()).get("attempt", run.attempts)
+                    except json.JSONDecodeError:
+                        continue
+                    if attempts != run.attempts:
+                        await self._save_run(run.model_copy(update={"attempts": attempts}))
+
+    async def _finish(self, run: Run, result: dict) -> Run:
+        done = run.model_copy(update={
+            "status": RunStatus(result.get("status", "failed")),
+            "finished": datetime.fromisoformat(result["finished"]) if result.get("finished") else now(),
+            "exit_code": result.get("exit_code"),
+            "attempts": result.get("attempts", run.attempts),
+            "failed_cell": result.get("failed_cell"),
+            "error": result.get("error"),
+            "mlflow_run_id": result.get("mlflow_run_id"),
+        })
+        await self._save_run(done)
+        log.info("run %s %s", run.id, done.status.value)
+        return done
+
+    async def _cancel_run(self, run: Run) -> Run:
+        if run.pid and self._alive(run):
+            try:
+                os.killpg(run.pid, signal.SIGTERM)  # the runner stops papermill and writes its result
+            except ProcessLookupError:
+                pass
+            for _ in range(100):
+                if (self._run_dir(run) / "result.json").exists():
+                    break
+                await asyncio.sleep(0.1)
+        result = self._run_dir(run) / "result.json"
+        if result.exists():
+            data = json.loads(result.read_text())
+            if data.get("status") != "cancelled" and run.status.finished is False:
+                data = {**data}  # it finished on its own just before
+            return await self._finish(run, data)
+        return await self._finish(run, {"status": "cancelled", "error": "cancelled"})
+
+    async def _output(self, run: Run) -> bytes | None:
+        path = self._run_dir(run) / "output.ipynb"
+        return await self._in_thread(path.read_bytes) if path.exists() else None
+
+    async def _log(self, run: Run) -> str | None:
+        path = self._run_dir(run) / "log.txt"
+        return await self._in_thread(lambda: path.read_text(errors="replace")) if path.exists() else None

@@ -1,0 +1,209 @@
+"""The scheduler's data model: what the REST API accepts and answers.
+
+A *schedule* is a snapshot of a notebook (by content hash) with parameters, a flavour and a
+timetable (cron + timezone, or run-once); a *run* is one papermill execution of it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..projects import PROJECT_NAME_RE
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    """``s-1f3a...`` / ``r-...``: short, DNS-label safe, unique."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class RunStatus(str, Enum):
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled)
+
+
+ConcurrencyPolicy = Literal["allow", "forbid", "replace"]
+MissedRunsPolicy = Literal["skip", "run_once"]
+
+
+def check_cron(expr: str | None) -> str | None:
+    if expr is None:
+        return None
+    expr = " ".join(expr.split())
+    if len(expr.split(" ")) != 5 or not croniter.is_valid(expr):
+        raise ValueError(f"invalid cron expression {expr!r}: expected 5 fields, e.g. '0 3 * * *'")
+    return expr
+
+
+def check_timezone(tz: str) -> str:
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"unknown timezone {tz!r}") from e
+    return tz
+
+
+def check_notebook_path(path: str) -> str:
+    parts = path.replace("\\", "/").split("/")
+    if not path.endswith(".ipynb") or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"notebook must be a relative .ipynb path inside the project, not {path!r}")
+    return "/".join(parts)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScheduleCreate(_In):
+    """``POST schedules``."""
+
+    project: str
+    notebook: str = Field(description="path of the notebook inside the project")
+    notebook_content: dict[str, Any] | None = Field(
+        None, description="the notebook (nbformat JSON) as it is now; read from the project directory when absent")
+    name: str | None = Field(None, max_length=200, description="display name; default: the notebook's name")
+    parameters: dict[str, Any] = {}
+    flavor: str | None = Field(None, description="compute flavour; default: the project's first allowed one")
+    cron: str | None = Field(None, description="5-field cron expression; null: run once, now")
+    timezone: str = "UTC"
+    timeout_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    retries: int = Field(0, ge=0, le=10)
+    concurrency: ConcurrencyPolicy = "forbid"
+    missed_runs: MissedRunsPolicy = "run_once"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        return check_cron(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        return check_timezone(v)
+
+    @field_validator("notebook")
+    @classmethod
+    def _nb(cls, v: str) -> str:
+        return check_notebook_path(v)
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        if not PROJECT_NAME_RE.match(v):
+            raise ValueError(f"invalid project name {v!r}")
+        return v
+
+
+class ScheduleUpdate(_In):
+    """``PATCH schedules/{id}``: only the fields given change."""
+
+    name: str | None = Field(None, max_length=200)
+    parameters: dict[str, Any] | None = None
+    flavor: str | None = None
+    cron: str | None = None
+    timezone: str | None = None
+    timeout_seconds: int | None = Field(None, ge=1, le=7 * 24 * 3600)
+    retries: int | None = Field(None, ge=0, le=10)
+    concurrency: ConcurrencyPolicy | None = None
+    missed_runs: MissedRunsPolicy | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        return check_cron(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        return None if v is None else check_timezone(v)
+
+
+class RunCreate(_In):
+    """``POST schedules/{id}/runs``: run now, optionally with some parameters changed."""
+
+    parameters: dict[str, Any] = {}
+
+
+class Parameter(BaseModel):
+    """A parameter of the notebook's ``parameters`` cell."""
+
+    name: str
+    type: str = Field(description="int, float, bool, str, list, dict or any")
+    default: Any = None
+    default_source: str = Field("", description="the default as written in the notebook")
+    help: str = ""
+
+
+class Schedule(BaseModel):
+    id: str
+    name: str
+    owner: str
+    project: str
+    notebook: str
+    notebook_sha256: str
+    parameter_specs: list[Parameter] = []
+    parameters: dict[str, Any] = {}
+    flavor: str
+    cron: str | None = None
+    timezone: str = "UTC"
+    timeout_seconds: int = 3600
+    retries: int = 0
+    concurrency: ConcurrencyPolicy = "forbid"
+    missed_runs: MissedRunsPolicy = "run_once"
+    paused: bool = False
+    run_as_uid: int | None = Field(None, description="the owner's uidNumber when scheduled (runs execute as it)")
+    run_as_gid: int | None = Field(None, description="the project's gidNumber when scheduled")
+    created: datetime
+    updated: datetime
+    last_fire: datetime | None = Field(None, description="the last cron time handled (fired or skipped)")
+    next_run: datetime | None = None
+
+    def next_fire(self, after: datetime) -> datetime | None:
+        """The first cron time strictly after ``after``, in UTC (None for run-once schedules)."""
+        if not self.cron:
+            return None
+        tz = ZoneInfo(self.timezone)
+        it = croniter(self.cron, after.astimezone(tz))
+        return it.get_next(datetime).astimezone(timezone.utc)
+
+
+class Run(BaseModel):
+    id: str
+    schedule_id: str
+    owner: str
+    project: str
+    notebook: str
+    notebook_sha256: str
+    parameters: dict[str, Any] = {}
+    flavor: str
+    trigger: Literal["manual", "cron", "once"] = "manual"
+    status: RunStatus = RunStatus.pending
+    created: datetime
+    started: datetime | None = None
+    finished: datetime | None = None
+    exit_code: int | None = None
+    attempts: int = 0
+    timeout_seconds: int = 3600
+    retries: int = 0
+    failed_cell: int | None = Field(None, description="index of the cell that raised (0-based, in the notebook)")
+    error: str | None = Field(None, description="the failing cell's exception (name: value), or why the run failed")
+    mlflow_run_id: str | None = Field(None, description="the MLflow run this execution was recorded as")
+    pid: int | None = Field(None, exclude=True)
+    pid_started: float | None = Field(None, exclude=True)
