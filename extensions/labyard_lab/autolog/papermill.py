@@ -1,0 +1,149 @@
+"""Run a notebook with papermill as one MLflow run (the scheduled-runs path).
+
+Usage (what the scheduler runs in the job's process or pod)::
+
+    python -m labyard_lab.autolog.papermill INPUT.ipynb OUTPUT.ipynb \\
+        [-p NAME VALUE]... [-y YAML] [-f PARAMS.yaml|json] [--cwd DIR] [--kernel NAME] [--run-name NAME]
+        [--log-output] [--request-save-on-cell-execute] [--sync-timeout S]
+
+Environment: ``LABYARD_PROJECT`` (required), ``JUPYTERHUB_USER`` (or ``LABYARD_USER``),
+``MLFLOW_TRACKING_URI`` (the platform server), ``LABYARD_PROJECT_DIR`` (notebook paths are made
+relative to it), optionally ``LABYARD_AUTOLOG_QUEUE`` and ``LABYARD_SCHEDULE`` (recorded as a tag).
+
+The run is recorded in the experiment ``<project>/<input notebook path>`` with the parameters as
+params, the tags of an interactive run plus ``labyard.run_kind = scheduled``, and the input and
+output notebooks as artifacts ``notebook/<name>`` and ``output/<name>``. Code in the notebook that
+calls MLflow logs into the same run (the kernel gets ``MLFLOW_RUN_ID``). Recording goes through
+the durable queue: if the server is unreachable the run is replayed later by any kernel of the
+user (or the next scheduled run). The last line on stdout is JSON:
+``{"local_run_id", "run_id" (null if not yet on the server), "experiment", "status"}``.
+Exit status: 0 when the notebook ran, 1 when it failed, 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .config import AutologConfig, default_queue_dir, experiment_name
+from .provenance import Provenance
+from . import sync
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m labyard_lab.autolog.papermill", description=__doc__.split("\n\n")[0])
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a parameter (value parsed as YAML, like papermill -p)")
+    p.add_argument("-y", "--parameters-yaml", help="parameters as a YAML mapping")
+    p.add_argument("-f", "--parameters-file", help="parameters from a YAML or JSON file")
+    p.add_argument("--log-output", action="store_true", help="echo the notebook's outputs (papermill --log-output)")
+    p.add_argument("--request-save-on-cell-execute", action="store_true", help="save the output notebook after every cell")
+    p.add_argument("--cwd", help="working directory of the kernel (default: the input's directory)")
+    p.add_argument("--kernel", help="kernel name (default: the notebook's)")
+    p.add_argument("--run-name")
+    p.add_argument("--sync-timeout", type=float, default=60, help="seconds to wait for the server (the rest stays queued)")
+    return p.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    env = os.environ
+    project = env.get("LABYARD_PROJECT")
+    remote = env.get("LABYARD_MLFLOW_URI") or env.get("MLFLOW_TRACKING_URI")
+    if not project or not remote:
+        print("LABYARD_PROJECT and MLFLOW_TRACKING_URI must be set", file=sys.stderr)
+        return 2
+    params: dict = {}
+    if args.parameters_file:
+        params.update(yaml.safe_load(Path(args.parameters_file).read_text()) or {})
+    if args.parameters_yaml:
+        params.update(yaml.safe_load(args.parameters_yaml) or {})
+    for name, value in args.parameter:
+        params[name] = yaml.safe_load(value)
+    inp = Path(args.input).absolute()
+    out = Path(args.output).absolute()
+    config = AutologConfig(
+        project=project, user=env.get("JUPYTERHUB_USER") or env.get("LABYARD_USER") or env.get("USER", "unknown"),
+        remote_uri=remote, project_dir=Path(env.get("LABYARD_PROJECT_DIR") or inp.parent), notebook_path=inp,
+        queue_dir=default_queue_dir(),
+    )
+    config.queue_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sync.allow_local_store()
+    store, owner = sync.new_store(config.queue_dir)
+    local_uri = sync.store_uri(store)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=local_uri)
+    # a scheduled run executes a snapshot; it belongs to the notebook it was made from
+    notebook_rel = env.get("LABYARD_NOTEBOOK")
+    experiment = experiment_name(project, notebook_rel) if notebook_rel else config.experiment_name
+    exp_id = client.create_experiment(experiment)
+    provenance = Provenance(config, inputs=None)
+    provenance.gather_kernel_facts()
+    tags = provenance.run_tags()
+    if notebook_rel:
+        tags.update({"labyard.notebook": notebook_rel, "mlflow.source.name": notebook_rel})
+    tags["labyard.run_kind"] = "scheduled"
+    if env.get("LABYARD_SCHEDULE"):
+        tags["labyard.schedule"] = env["LABYARD_SCHEDULE"]
+    r = client.create_run(exp_id, tags=tags, run_name=args.run_name)
+    run_id = r.info.run_id
+    for name, value in params.items():
+        client.log_param(run_id, name, json.dumps(value) if not isinstance(value, str) else value)
+
+    import papermill
+
+    kernel_env = {"MLFLOW_TRACKING_URI": local_uri, "MLFLOW_RUN_ID": run_id, "LABYARD_AUTOLOG": "off",
+                  "LABYARD_MLFLOW_URI": remote}
+    saved = {k: os.environ.get(k) for k in kernel_env}
+    os.environ.update(kernel_env)
+    status = "FINISHED"
+    try:
+        papermill.execute_notebook(str(inp), str(out), parameters=params, cwd=args.cwd or str(inp.parent),
+                                   kernel_name=args.kernel, progress_bar=False, log_output=args.log_output,
+                                   request_save_on_cell_execute=args.request_save_on_cell_execute)
+    except Exception as e:  # noqa: BLE001 - PapermillExecutionError, or the kernel died
+        status = "FAILED"
+        print(f"notebook failed: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if out.exists():
+        client.log_artifact(run_id, str(out), "output")
+    client.set_terminated(run_id, status)
+
+    syncer = sync.Syncer(config.queue_dir, remote, provenance.spool)
+    deadline = time.monotonic() + args.sync_timeout
+    remote_id = None
+    while True:  # we still own the store, so the syncer does not remove it under us
+        syncer.sync_all(deadline=deadline)
+        rs = sync._read_json(store / "sync-state.json", {"runs": {}})["runs"].get(run_id, {})
+        remote_id = rs.get("remote_id")
+        if rs.get("done") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    owner.close()  # from now on any kernel of the user may replay (and then remove) this store
+    if rs.get("done"):
+        shutil.rmtree(store, ignore_errors=True)
+    result = {"local_run_id": run_id, "run_id": remote_id, "experiment": experiment, "status": status}
+    if env.get("LABYARD_RUN_RECORD"):  # the scheduler keeps the MLflow run id with its run
+        Path(env["LABYARD_RUN_RECORD"]).write_text(json.dumps({"mlflow_run_id": remote_id, "mlflow_local_run_id": run_id}))
+    print(json.dumps(result))
+    return 0 if status == "FINISHED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())
