@@ -33,6 +33,14 @@ c.Authenticator.admin_users = set(s.admin_users)
 
 if s.mlflow_url:
     c.Spawner.environment = {"MLFLOW_TRACKING_URI": s.mlflow_url}
+    # MLflow UI and API behind the hub login at /services/mlflow/ (docs/admin/mlflow.md)
+    services.append({
+        "name": "mlflow", "display": True, "oauth_no_confirm": True,
+        "url": f"http://127.0.0.1:{s.mlflow_proxy_port}",
+        "command": [sys.executable, "-m", "labyard_hub.services.mlflow_proxy"],
+        "environment": {"LABYARD_MLFLOW_UPSTREAM": s.mlflow_url},
+    })
+    roles.append({"name": "user", "scopes": ["self", "access:services!service=mlflow"]})
 if s.policy_file:
     c.ProjectSpawnerMixin.policy_file = str(s.policy_file)
 
@@ -68,6 +76,22 @@ if s.cull.enabled:
     })
     roles.append({"name": "idle-culler", "services": ["idle-culler"],
                   "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers", "admin:server_state"]})
+
+# labyard-scheduler: runs notebooks now or on a timetable (docs/admin/scheduler.md). It reads the
+# users' uid/gid/projects from auth_state; users, and their servers' tokens, may call it.
+# Backend: Kubernetes (Jobs/CronJobs in the project namespaces) when kubernetes is set, else local.
+services.append({
+    "name": "labyard-scheduler", "oauth_no_confirm": True, "url": f"http://127.0.0.1:{s.scheduler_port}",
+    "command": [sys.executable, "-m", "labyard_hub.scheduler.app"], "environment": {**service_env, "PYTHONUNBUFFERED": "1"},
+})
+roles.append({"name": "labyard-scheduler", "services": ["labyard-scheduler"], "scopes": ["read:users", "admin:auth_state"]})
+for name, scopes in (("user", ["self"]), ("server", ["users:activity!user", "access:servers!server"])):
+    if not any(r["name"] == name for r in roles):
+        roles.append({"name": name, "scopes": scopes})
+    role = next(r for r in roles if r["name"] == name)
+    role["scopes"] = [*role["scopes"], "access:services!service=labyard-scheduler"]
+# single-user servers reach the scheduler directly (their server extension calls it for the user)
+c.Spawner.environment.update({"LABYARD_SCHEDULER_URL": f"http://127.0.0.1:{s.scheduler_port}/services/labyard-scheduler/api/"})
 
 c.JupyterHub.services = services
 c.JupyterHub.load_roles = roles

@@ -30,3 +30,9 @@ class InfoHandler(APIHandler):
 def setup_handlers(web_app) -> None:
     base = web_app.settings["base_url"]
     web_app.add_handlers(".*$", [(url_path_join(base, "labyard", "info"), InfoHandler)])
+    from .runs import runs_handlers  # MLflow runs of a notebook (issue 6)
+
+    web_app.add_handlers(".*$", runs_handlers(base))
+    from .scheduling import scheduling_handlers  # the labyard-scheduler service, on the user's behalf (issue 5)
+
+    web_app.add_handlers(".*$", scheduling_handlers(base))

@@ -1,6 +1,13 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+import {
+  IInspectResult,
+  ISchedule,
+  IScheduledRun,
+  IScheduleRequest
+} from './schedule-model';
+
 /** What the server extension says about this server. */
 export interface IServerInfo {
   user: string;
@@ -15,6 +22,55 @@ export class LabyardClient {
 
   async info(): Promise<IServerInfo> {
     return this.get<IServerInfo>('info');
+  }
+
+  // ---- labyard-scheduler (through /labyard/scheduler/, on the user's behalf) ----
+  inspectNotebook(notebook: string): Promise<IInspectResult> {
+    return this.request('POST', 'scheduler/inspect', { notebook });
+  }
+  createSchedule(req: IScheduleRequest): Promise<ISchedule> {
+    return this.request('POST', 'scheduler/schedules', req);
+  }
+  listSchedules(): Promise<ISchedule[]> {
+    return this.request('GET', 'scheduler/schedules');
+  }
+  setPaused(id: string, paused: boolean): Promise<ISchedule> {
+    return this.request('POST', `scheduler/schedules/${id}/${paused ? 'pause' : 'resume'}`);
+  }
+  deleteSchedule(id: string): Promise<void> {
+    return this.request('DELETE', `scheduler/schedules/${id}`);
+  }
+  runNow(id: string, parameters: Record<string, unknown> = {}): Promise<IScheduledRun> {
+    return this.request('POST', `scheduler/schedules/${id}/runs`, { parameters });
+  }
+  listRuns(scheduleId: string): Promise<IScheduledRun[]> {
+    return this.request('GET', `scheduler/schedules/${scheduleId}/runs`);
+  }
+  getRun(id: string): Promise<IScheduledRun> {
+    return this.request('GET', `scheduler/runs/${id}`);
+  }
+  cancelRun(id: string): Promise<IScheduledRun> {
+    return this.request('POST', `scheduler/runs/${id}/cancel`);
+  }
+  /** Copy a run's output notebook into the project; returns its path there. */
+  openRunOutput(id: string): Promise<{ path: string }> {
+    return this.request('POST', `scheduler/runs/${id}/open`);
+  }
+
+  /** A JSON request to the server extension; errors carry the server's `message`. */
+  async request<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const url = URLExt.join(this.settings.baseUrl, 'labyard', path);
+    const init: RequestInit = { method };
+    if (body !== undefined || method === 'POST') {
+      init.body = JSON.stringify(body ?? {});
+    }
+    const response = await ServerConnection.makeRequest(url, init, this.settings);
+    const text = await response.text();
+    const data = text ? JSON.parse(text) : undefined;
+    if (!response.ok) {
+      throw new Error(data?.message ?? `${method} ${path} failed with ${response.status}`);
+    }
+    return data as T;
   }
 
   private async get<T>(path: string): Promise<T> {

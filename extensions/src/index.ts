@@ -6,6 +6,8 @@ import { IStatusBar } from '@jupyterlab/statusbar';
 import { Widget } from '@lumino/widgets';
 
 import { LabyardClient } from './api';
+import { runsPlugin } from './runs';
+import { schedulePlugin } from './schedule';
 
 /** Shows which project (and flavour) this JupyterLab server belongs to. */
 const status: JupyterFrontEndPlugin<void> = {
@@ -40,4 +42,4 @@ const status: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default [status];
+export default [status, runsPlugin, schedulePlugin];

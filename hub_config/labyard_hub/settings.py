@@ -28,6 +28,7 @@ class KubernetesSettings(BaseModel):
     controller_kubeconfig: Path | None = Field(None, description="kubeconfig of the project controller; None: the same as kubeconfig.")
     hub_service_account: str = Field("hub", description="Service account of the hub (granted labyard-hub-project in each project namespace).")
     scheduler_service_account: str = Field("scheduler", description="Service account of the scheduler (granted labyard-scheduler-project).")
+    scheduler_kubeconfig: Path | None = Field(None, description="kubeconfig of the labyard-scheduler service; None: the same as kubeconfig.")
     image: str = Field("labyard/singleuser:0.1.0", description="Default single-user image (a project's policy may set its own).")
     image_pull_policy: str = "IfNotPresent"
     pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every server pod.")
@@ -56,6 +57,7 @@ class Settings(BaseModel):
     proxy_api_port: int = 8001
     scheduler_port: int = Field(8082, description="Port of the labyard-scheduler hub service (on 127.0.0.1).")
     mlflow_url: str | None = Field(None, description="Internal URL of the MLflow tracking server.")
+    mlflow_proxy_port: int = Field(8090, description="Loopback port of the hub service that serves MLflow at /services/mlflow/.")
     policy_file: Path | None = Field(None, description="Project policy YAML (flavours, quotas, images).")
     ldap: dict[str, Any] = Field(
         default_factory=dict,

@@ -180,7 +180,9 @@ class Platform:
                 "bind_url": f"http://127.0.0.1:{self.port}",
                 "hub_port": hub_port,
                 "proxy_api_port": own.get("proxy_api_port") or free_port(),
+                "scheduler_port": own.get("scheduler_port") or free_port(),
                 "mlflow_url": own.get("mlflow_url") or f"http://127.0.0.1:{mlflow_port}",
+                "mlflow_proxy_port": own.get("mlflow_proxy_port") or free_port(),
             })
         except ValueError as e:
             raise SetupError(str(e)) from e

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .runner import failure_from_output
+from .runner import failure_from_output, papermill_command
 
 RESULT_PREFIX = "LABYARD-RESULT "
 
@@ -32,8 +32,8 @@ def main() -> int:
     output = out_dir / f"{run_id}.ipynb"
     params = Path(env.get("TMPDIR", "/tmp")) / f"labyard-parameters-{run_id}.json"
     params.write_text(env.get("LABYARD_PARAMETERS", "{}"))
-    argv = [sys.executable, "-m", "papermill", str(notebook), str(output), "-f", str(params),
-            "--cwd", os.getcwd(), "--log-output", "--no-progress-bar", "--request-save-on-cell-execute"]
+    argv = [*papermill_command(dict(env)), str(notebook), str(output), "-f", str(params),
+            "--cwd", os.getcwd(), "--log-output", "--request-save-on-cell-execute"]
     code = subprocess.call(argv)
     failed_cell, error = (None, None) if code == 0 else failure_from_output(output)
     print(RESULT_PREFIX + json.dumps({"exit_code": code, "failed_cell": failed_cell, "error": error, "output": str(output)}),

@@ -24,6 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+def papermill_command(env: dict[str, str]) -> list[str]:
+    """papermill, through Labyard's MLflow wrapper (one MLflow run per scheduled run, with the
+    parameters as params and both notebooks as artifacts) when an MLflow server is configured."""
+    if env.get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI"):
+        return [sys.executable, "-m", "labyard_lab.autolog.papermill"]
+    return [sys.executable, "-m", "papermill", "--no-progress-bar"]
+
+
 #: papermill's own cells, not part of the notebook the user wrote
 _PAPERMILL_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
 
@@ -92,10 +100,10 @@ class Runner:
         spec = self.spec
         params = self.dir / "parameters.json"
         params.write_text(json.dumps(spec.get("parameters", {})))
-        argv = [sys.executable, "-m", "papermill", spec["input"], spec["output"], "-f", str(params),
-                "--cwd", spec["cwd"], "--log-output", "--no-progress-bar", "--request-save-on-cell-execute"]
+        argv = [*papermill_command(spec.get("env", {})), spec["input"], spec["output"], "-f", str(params),
+                "--cwd", spec["cwd"], "--log-output", "--request-save-on-cell-execute"]
         if spec.get("kernel"):
-            argv += ["-k", spec["kernel"]]
+            argv += ["--kernel", spec["kernel"]]
         log.write(f"--- attempt {n} at {_now()}: {' '.join(argv)}\n")
         log.flush()
         env = {**os.environ, **spec.get("env", {}), "LABYARD_RUN_ATTEMPT": str(n), "PYTHONUNBUFFERED": "1"}
