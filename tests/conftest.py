@@ -53,9 +53,13 @@ def ldap_tls(tmp_path_factory, tls_files):
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
+    """Debian's Chromium driven by Playwright (never a downloaded browser).
+
+    Module scope: Playwright's sync API keeps an event loop running in this thread while it is
+    open, which would stop the asyncio tests of later modules from running.
+    """
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is missing: run `make test` as root (it installs Debian's chromium) or apt-get install chromium")
     from playwright.sync_api import sync_playwright

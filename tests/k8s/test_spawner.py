@@ -70,8 +70,20 @@ def service_accounts(tmp_path_factory, k8s_testbed) -> dict[str, Path]:
     return paths
 
 
+def _fresh_project_namespaces(tb) -> None:
+    """Other test modules share the testbed: start from no project namespaces."""
+    for project in ("vision", "nlp", "robotics"):
+        try:
+            tb.api.delete(f"/api/v1/namespaces/labyard-{project}")
+        except Exception:
+            pass
+    wait_for(lambda: not any(_exists(tb, f"/api/v1/namespaces/labyard-{p}") for p in ("vision", "nlp", "robotics")),
+             120, "old project namespaces gone")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, k8s_testbed, policy_file, service_accounts):
+    _fresh_project_namespaces(k8s_testbed)
     config = {
         "policy_file": str(policy_file),
         "kubernetes": {"controller_interval": 2, "controller_kubeconfig": str(service_accounts["project-controller"])},
@@ -233,17 +245,34 @@ def test_spawn_form_shows_free_gpus_and_quota(stack, alice_servers):
     assert "7 of 8 GPUs free now; project quota: 2 of 2 left" in form
 
 
-def test_progress_tells_phases_apart(stack):
+def test_progress_tells_phases_apart(k8s_testbed, stack, alice_servers, k8s_namespace):
+    """All GPUs busy (pods of another namespace hold them): the server waits, and says why."""
+    tb = k8s_testbed
+    toleration = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    for node, gpus in (("gpu-node-1", 4), ("gpu-node-2", 4)):
+        free = gpus - (1 if _pod(tb, "vision", "alice")["spec"]["nodeName"] == node else 0)
+        tb.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"hog-{node}"},
+                  "spec": {"nodeName": node, "tolerations": toleration,
+                           "containers": [{"name": "c", "image": "x", "resources": {"limits": {"nvidia.com/gpu": str(free)}}}]}},
+                 k8s_namespace)
+    # carol's home volume made and bound beforehand, so the first thing the scheduler reports is the GPUs
+    tb.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "home-carol"},
+              "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}}, "labyard-nlp")
+    wait_for(lambda: tb.api.get("/api/v1/namespaces/labyard-nlp/persistentvolumeclaims/home-carol")["status"].get("phase") == "Bound",
+             60, "home-carol bound")
     carol = stack.api("carol")
-    assert carol.post(f"{carol.base}/users/carol/servers/nlp", json={"flavor": "cpu"}).status_code in (201, 202)
-    events = carol.get(f"{carol.base}/users/carol/servers/nlp/progress", stream=True, timeout=120)
-    text = ""
-    for line in events.iter_lines(decode_unicode=True):
-        text += line + "\n"
-        if '"ready": true' in line or "failed" in line:
-            break
-    assert "[scheduling] Scheduled" in text, text
-    assert carol.delete(f"{carol.base}/users/carol/servers/nlp").status_code in (202, 204)
+    try:
+        assert carol.post(f"{carol.base}/users/carol/servers/nlp", json={"flavor": "gpu-1"}).status_code in (201, 202)
+        events = carol.get(f"{carol.base}/users/carol/servers/nlp/progress", stream=True, timeout=120)
+        text, deadline = "", time.monotonic() + 90
+        for line in events.iter_lines(decode_unicode=True):
+            text += line + "\n"
+            if "Insufficient nvidia.com/gpu" in line or time.monotonic() > deadline:
+                break
+        assert "[scheduling] FailedScheduling: 0/3 nodes are available" in text and "Insufficient nvidia.com/gpu" in text, text
+    finally:
+        carol.delete(f"{carol.base}/users/carol/servers/nlp")
+        wait_for(lambda: not _exists(tb, "/api/v1/namespaces/labyard-nlp/pods/jupyter-carol--nlp"), 60, "carol's pod gone")
 
 
 def test_stopping_deletes_the_pod(k8s_testbed, stack):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -56,6 +57,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.log_output:  # papermill logs the notebook's outputs to its logger, as its CLI shows them
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     env = os.environ
     project = env.get("LABYARD_PROJECT")
     remote = env.get("LABYARD_MLFLOW_URI") or env.get("MLFLOW_TRACKING_URI")
