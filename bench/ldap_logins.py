@@ -1,130 +1,281 @@
-"""Benchmark: 50 concurrent logins against one slapd made slow, Labyard vs jupyterhub-ldapauthenticator.
+"""Benchmark: 50 people log in at once through a whole hub against a slow directory; Labyard vs
+jupyterhub-ldapauthenticator 2.0.2 (the anchor), in the same run.
 
-Both authenticators run in this process on one asyncio event loop, exactly as the hub calls
-them (``await authenticator.get_authenticated_user(None, data)``), against the same real slapd
-behind a TCP proxy that delays every answer by ``--delay`` seconds. Meanwhile a ticker on the
-same loop measures how late it wakes up: that lateness is what every other request to the hub
-would wait (the hub's event-loop lag).
+For each authenticator a whole Labyard runs (``labyard up``: configurable-http-proxy, JupyterHub
+and its services), its LDAP going through a TCP proxy that delivers every answer of a real slapd
+``delay`` seconds late (latency, as across a WAN link), at 0, 50 and 200 ms. For the anchor the
+hub's config is Labyard's with ``authenticator_class`` set to ldapauthenticator's, doing the
+same directory work (service-account lookup, user bind, project groups).
+
+50 users log in as a browser does (GET the login form through the proxy, POST it with the xsrf
+token, expect the redirect), all at once, after a first round that creates them in the hub.
+Meanwhile another process asks the hub's own port for ``/hub/health`` every 20 ms: its worst
+answer time is how long any other request to the hub waited (the hub's event loop stalls).
 
 Run: ``.venv/bin/python bench/ldap_logins.py`` (or ``make bench``). Writes bench/results/ldap_logins.json.
-Both sides do the same directory work: find the user with a service account, bind as the user,
-read the groups that are projects.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import logging
+import multiprocessing
+import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
+import psutil
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ldapauthenticator import LDAPAuthenticator as UpstreamLDAPAuthenticator  # noqa: E402
-
-from labyard_hub import demo  # noqa: E402
-from labyard_hub.ldap import LDAPAuthenticator  # noqa: E402
+from labyard_hub import demo, hub_config_file  # noqa: E402
+from labyard_hub.slapd import free_port  # noqa: E402
 from tests.support.directory import SERVICE_PASSWORD, authenticator_config, start_directory  # noqa: E402
 from tests.support.net import DelayProxy  # noqa: E402
 
-USERS = ["alice", "bob", "carol"]
+USERS = [f"user{i:03d}" for i in range(1, 51)]
+DELAYS = (0.0, 0.05, 0.2)
+
+ANCHOR_CONFIG = """# bench: Labyard's hub with jupyterhub-ldapauthenticator 2.0.2 instead of Labyard's authenticator
+c = get_config()  # noqa: F821
+load_subconfig({labyard!r})  # noqa: F821
+c.JupyterHub.authenticator_class = "ldapauthenticator.LDAPAuthenticator"
+c.LDAPAuthenticator.server_address = "127.0.0.1"
+c.LDAPAuthenticator.server_port = {port}
+c.LDAPAuthenticator.tls_strategy = "insecure"
+c.LDAPAuthenticator.lookup_dn = True
+c.LDAPAuthenticator.lookup_dn_search_user = {reader!r}
+c.LDAPAuthenticator.lookup_dn_search_password = {password!r}
+c.LDAPAuthenticator.user_search_base = "ou=people,{suffix}"
+c.LDAPAuthenticator.user_attribute = "uid"
+c.LDAPAuthenticator.lookup_dn_user_dn_attribute = "uid"
+c.LDAPAuthenticator.allowed_groups = ["cn=vision,ou=projects,{suffix}", "cn=nlp,ou=projects,{suffix}"]
+"""
 
 
-def labyard(proxy_url: str, slapd) -> LDAPAuthenticator:
-    config = authenticator_config(slapd)
-    config.update(server_urls=[proxy_url], connect_timeout=5.0, receive_timeout=30.0)
-    return LDAPAuthenticator(**config)
+# -- the LDAP delay proxy and the health prober, each in its own process -------------------------
+def _proxy_main(target_port: int, conn) -> None:
+    with DelayProxy(target_port) as proxy:
+        conn.send(proxy.port)
+        while (delay := conn.recv()) is not None:
+            proxy.delay = delay
+            conn.send(delay)
 
 
-def upstream(proxy_port: int, slapd) -> UpstreamLDAPAuthenticator:
-    return UpstreamLDAPAuthenticator(
-        server_address="127.0.0.1",
-        server_port=proxy_port,
-        tls_strategy="insecure",
-        lookup_dn=True,
-        lookup_dn_search_user=slapd.reader_dn,
-        lookup_dn_search_password=SERVICE_PASSWORD,
-        user_search_base=f"ou=people,{demo.SUFFIX}",
-        user_attribute="uid",
-        lookup_dn_user_dn_attribute="uid",
-        allowed_groups=[f"cn={g},ou=projects,{demo.SUFFIX}" for g in ("vision", "nlp")],
-        allow_all=True,
-    )
-
-
-async def run(auth, n: int) -> dict:
-    lags: list[float] = []
-    stop = asyncio.Event()
-
-    async def ticker():
-        while not stop.is_set():
-            t = time.perf_counter()
-            await asyncio.sleep(0.01)
-            lags.append(time.perf_counter() - t - 0.01)
-
-    tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0.05)
-    start = time.perf_counter()
-    results = await asyncio.gather(
-        *(auth.get_authenticated_user(None, {"username": USERS[i % 3], "password": demo.PASSWORD}) for i in range(n))
-    )
-    elapsed = time.perf_counter() - start
-    stop.set()
-    await tick
-    ok = sum(1 for r in results if r)
-    lags.sort()
-    return {
-        "logins": n,
-        "succeeded": ok,
-        "seconds": round(elapsed, 3),
-        "logins_per_second": round(ok / elapsed, 2),
-        "loop_lag_max_ms": round(lags[-1] * 1000, 1),
-        "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99) - 1] * 1000, 1) if len(lags) > 1 else None,
-        "loop_lag_median_ms": round(statistics.median(lags) * 1000, 2),
-    }
-
-
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logins", type=int, default=50)
-    parser.add_argument("--delay", type=float, default=0.02, help="seconds added to every LDAP answer (default 0.02)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ldap_logins.json")
-    args = parser.parse_args()
-    logging.disable(logging.WARNING)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        slapd = start_directory(Path(tmp) / "slapd")
+def _probe_main(port: int, stop, out) -> None:
+    """GET /hub/health every 20 ms on one keep-alive connection; send (start, seconds) pairs."""
+    samples = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    while not stop.is_set():
+        start = time.time()
         try:
-            report = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "delay_s": args.delay, "runs": {}}
-            for delay in (0.0, args.delay):
-                with DelayProxy(slapd.port, delay=delay) as proxy:
-                    for name, make in (("labyard", lambda: labyard(proxy.url, slapd)), ("ldapauthenticator-2.0.2", lambda: upstream(proxy.port, slapd))):
-                        auth = make()
-                        await run(auth, 3)  # warm up: connections, imports
-                        report["runs"][f"{name} delay={delay}"] = await run(auth, args.logins)
+            conn.request("GET", "/hub/health")
+            conn.getresponse().read()
+        except OSError:
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            continue
+        samples.append((start, time.time() - start))
+        time.sleep(0.02)
+    out.send(samples)
+
+
+# -- one whole hub ------------------------------------------------------------------------------
+def _serve(data_dir: Path, port: int, config: Path, anchor_config: Path | None) -> int:
+    """``labyard up`` (with the anchor's hub config, if given), until SIGTERM. In a subprocess."""
+    from labyard_hub.up import Platform
+
+    logging.basicConfig(level=logging.WARNING)
+    p = Platform(data_dir, port, False, config)
+    p.prepare()
+    if anchor_config:
+        p.child("hub").argv[-1] = str(anchor_config)
+    return asyncio.run(p.run())
+
+
+class Hub:
+    def __init__(self, name: str, workdir: Path, ldap: dict, anchor_proxy_port: int | None):
+        self.name = name
+        self.data_dir = workdir / name
+        self.data_dir.mkdir(parents=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "ldap": ldap, "policy_file": str(demo.POLICY_FILE), "mlflow_url": "http://127.0.0.1:9",
+            "cull": {"enabled": False},
+            # no group sync pass (another process reading LDAP) in the middle of a measurement
+            "group_sync_interval": 3600,
+        }
+        self.config = self.data_dir / "config.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.anchor = None
+        if anchor_proxy_port:
+            self.anchor = self.data_dir / "anchor_config.py"
+            self.anchor.write_text(ANCHOR_CONFIG.format(labyard=str(hub_config_file()), port=anchor_proxy_port,
+                                                        reader=ldap["lookup_bind_dn"], password=SERVICE_PASSWORD,
+                                                        suffix=demo.SUFFIX))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = [sys.executable, __file__, "--serve", str(self.data_dir), str(self.port), str(self.config)]
+        if self.anchor:
+            argv.append(str(self.anchor))
+        self.proc = subprocess.Popen(argv, stdout=open(self.data_dir / "up.log", "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: labyard up exited: {(self.data_dir / 'up.log').read_text()[-2000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/hub/api/")
+                if conn.getresponse().status == 200:
+                    settings = yaml.safe_load((self.data_dir / "settings.yaml").read_text())
+                    self.hub_port = settings["hub_port"]
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name}: hub not up in 180 s")
+
+    def hub_pid(self) -> int:
+        """The JupyterHub process (a child of labyard up)."""
+        up = psutil.Process(self.proc.pid)
+        return next(p.pid for p in up.children(recursive=True) if any(a.endswith("/jupyterhub") for a in p.cmdline()[:2]))
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(90)
+
+
+async def _login(session: aiohttp.ClientSession, url: str, username: str) -> tuple[float, bool]:
+    start = time.perf_counter()
+    async with session.get(f"{url}/hub/login") as r:
+        await r.read()
+    xsrf = next((c.value for c in session.cookie_jar if c.key == "_xsrf"), "")
+    data = {"username": username, "password": demo.PASSWORD, "_xsrf": xsrf}
+    async with session.post(f"{url}/hub/login", data=data, allow_redirects=False) as r:
+        await r.read()
+        ok = r.status == 302
+    return time.perf_counter() - start, ok
+
+
+async def _round(url: str, users: list[str]) -> dict:
+    timeout = aiohttp.ClientTimeout(total=600)
+
+    async def one(user: str):
+        async with aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            return await _login(session, url, user)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(u) for u in users))
+    elapsed = time.perf_counter() - start
+    times = sorted(t for t, _ in results)
+    ok = sum(1 for _, good in results if good)
+    return {"logins": len(users), "succeeded": ok, "seconds": round(elapsed, 3),
+            "logins_per_second": round(ok / elapsed, 2), "login_p50_s": round(statistics.median(times), 3),
+            "login_max_s": round(times[-1], 3)}
+
+
+def measure(ctx, hub: Hub, proxy_conn, delay: float) -> dict:
+    proxy_conn.send(delay)
+    proxy_conn.recv()
+    asyncio.run(_round(hub.url, USERS))  # warm up: users exist in the hub, connections are open
+    stop = ctx.Event()
+    receive, send = ctx.Pipe(duplex=False)
+    prober = ctx.Process(target=_probe_main, args=(hub.hub_port, stop, send))
+    prober.start()
+    time.sleep(1.0)
+    hub_process = psutil.Process(hub.hub_pid())
+    cpu = hub_process.cpu_times()
+    load = os.getloadavg()[0]
+    begin = time.time()
+    result = asyncio.run(_round(hub.url, USERS))
+    end = time.time()
+    used = hub_process.cpu_times()
+    result["hub_cpu_ms_per_login"] = round((used.user + used.system - cpu.user - cpu.system) / len(USERS) * 1000, 1)
+    result["load_average"] = round(max(load, os.getloadavg()[0]), 1)
+    time.sleep(0.5)
+    stop.set()
+    samples = receive.recv()
+    prober.join(30)
+    during = [s for t, s in samples if begin <= t <= end or (t < begin and t + s > begin)]
+    result["health_worst_ms"] = round(max(during) * 1000, 1) if during else None
+    result["health_p99_ms"] = round(sorted(during)[int(len(during) * 0.99) - 1] * 1000, 1) if len(during) > 1 else None
+    result["health_samples"] = len(during)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ldap_logins.json")
+    parser.add_argument("--delays", type=float, nargs="+", default=list(DELAYS), help="seconds added to every LDAP answer")
+    parser.add_argument("--only", choices=["labyard", "ldapauthenticator-2.0.2"], help="run one side only")
+    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        data_dir, port, config, *anchor = args.serve
+        sys.exit(_serve(Path(data_dir), int(port), Path(config), Path(anchor[0]) if anchor else None))
+
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "users": len(USERS), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-ldap-") as tmp:
+        slapd = start_directory(Path(tmp) / "slapd", extra_users=len(USERS))
+        ctx = multiprocessing.get_context("spawn")
+        here, there = ctx.Pipe()
+        proxy = ctx.Process(target=_proxy_main, args=(slapd.port, there), daemon=True)
+        proxy.start()
+        proxy_port = here.recv()
+        try:
+            sides = [("labyard", None), ("ldapauthenticator-2.0.2", proxy_port)]
+            for name, anchor in sides:
+                if args.only and name != args.only:
+                    continue
+                ldap = {**authenticator_config(slapd), "server_urls": [f"ldap://127.0.0.1:{proxy_port}"],
+                        "connect_timeout": 5.0, "receive_timeout": 30.0}
+                hub = Hub(name, Path(tmp), ldap, anchor)
+                hub.start()
+                try:
+                    for delay in args.delays:
+                        key = f"{name} delay={delay * 1000:.0f}ms"
+                        report["runs"][key] = measure(ctx, hub, here, delay)
+                        print(key, json.dumps(report["runs"][key]), flush=True)
+                finally:
+                    hub.stop()
         finally:
+            here.send(None)
+            proxy.join(10)
             slapd.stop()
 
-    d = args.delay
-    ours, theirs = report["runs"][f"labyard delay={d}"], report["runs"][f"ldapauthenticator-2.0.2 delay={d}"]
-    report["ratio_throughput"] = round(ours["logins_per_second"] / theirs["logins_per_second"], 1)
-    report["ratio_loop_lag_max"] = round(theirs["loop_lag_max_ms"] / max(ours["loop_lag_max_ms"], 0.1), 1)
+    for delay in args.delays:
+        ours = report["runs"].get(f"labyard delay={delay * 1000:.0f}ms")
+        theirs = report["runs"].get(f"ldapauthenticator-2.0.2 delay={delay * 1000:.0f}ms")
+        if ours and theirs:
+            report.setdefault("ratio_throughput", {})[f"{delay * 1000:.0f}ms"] = round(
+                ours["logins_per_second"] / theirs["logins_per_second"], 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"{args.logins} concurrent logins, LDAP answers delayed by 0 and {d * 1000:.0f} ms ({report['machine']})")
-    print(f"{'run':40} {'ok':>4} {'s':>7} {'logins/s':>9} {'lag max ms':>11} {'lag p99 ms':>11}")
+    print(f"\n{len(USERS)} concurrent logins through the whole hub ({report['machine']})")
+    print(f"{'run':40} {'ok':>4} {'logins/s':>9} {'p50 s':>7} {'max s':>7} {'worst /hub/health ms':>21} "
+          f"{'hub CPU ms/login':>17} {'load':>5}")
     for key, r in report["runs"].items():
-        print(f"{key:40} {r['succeeded']:>4} {r['seconds']:>7} {r['logins_per_second']:>9} {r['loop_lag_max_ms']:>11} {r['loop_lag_p99_ms']!s:>11}")
-    print(f"with {d * 1000:.0f} ms delay: throughput x{report['ratio_throughput']}, worst event-loop lag /{report['ratio_loop_lag_max']}")
+        print(f"{key:40} {r['succeeded']:>4} {r['logins_per_second']:>9} {r['login_p50_s']:>7} {r['login_max_s']:>7} "
+              f"{r['health_worst_ms']!s:>21} {r['hub_cpu_ms_per_login']:>17} {r['load_average']:>5}")
+    for delay, ratio in report.get("ratio_throughput", {}).items():
+        print(f"throughput ratio at {delay}: x{ratio}")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -84,6 +84,11 @@ class Slapd:
             users read their own entry and the groups under ``ou=projects``; nobody reads
             ``userPassword``.
         tls: serve ``ldaps://`` on ``ldaps_port`` and StartTLS on ``port`` with these files.
+        size_limit: answer at most this many entries per search (per page when paged, any
+            number of pages), as Active Directory does with 1,000.
+        debug: slapd's ``-d`` level; ``stats`` writes every operation and its entry count to
+            ``slapd.log``.
+        listen: more addresses to serve plain LDAP on at ``port`` (besides 127.0.0.1).
     """
 
     directory: Path
@@ -93,6 +98,9 @@ class Slapd:
     port: int = field(default_factory=free_port)
     tls: TLSFiles | None = None
     ldaps_port: int | None = None
+    size_limit: int | None = None
+    debug: str = "0"
+    listen: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
 
     @property
@@ -138,6 +146,8 @@ class Slapd:
             f"rootpw {ssha(self.root_password)}",
             f"directory {self.directory / 'data'}",
             "index objectClass,uid,cn,memberUid,member eq",
+            *([f"limits users size.soft={self.size_limit} size.hard={self.size_limit} size.prtotal=unlimited"]
+              if self.size_limit else []),
             "access to attrs=userPassword by anonymous auth by self write by * none",
             f'access to dn.subtree="ou=projects,{self.suffix}" {reader}by users read by * none',
             f"access to * {reader}by self read by * none",
@@ -151,11 +161,11 @@ class Slapd:
         subprocess.run([SLAPADD, "-f", str(self.conf), "-q"], input=ldif.encode(), check=True, capture_output=True)
 
     def command(self) -> list[str]:
-        urls = self.url
+        urls = " ".join([self.url] + [f"ldap://{host}:{self.port}" for host in self.listen])
         if self.tls:
             self.ldaps_port = self.ldaps_port or free_port()
             urls += f" ldaps://127.0.0.1:{self.ldaps_port}"
-        return [SLAPD, "-d", "0", "-h", urls, "-f", str(self.conf)]
+        return [SLAPD, "-d", self.debug, "-h", urls, "-f", str(self.conf)]
 
     def start(self, timeout: float = 10) -> None:
         if not self.conf.exists():
