@@ -9,8 +9,12 @@ with ``InteractiveShellApp.extra_extensions = ["labyard_lab.autolog"]``). It doe
 When on:
 
 - MLflow in this kernel writes to a local store in the user's volume (the durable queue), set
-  before anything imports MLflow; a background thread replays it to the platform's server
-  (see :mod:`.sync`). Cells never wait for the network and never see its errors.
+  before anything imports MLflow: metrics, params and tags go to an append-only journal with
+  group commit (:mod:`.journal`, an MLflow tracking-store plugin), runs and artifacts to
+  MLflow's file store; a background thread replays it to the platform's server (see
+  :mod:`.sync`). Cells never wait for the network and never see its errors.
+- on GPU flavours (or when ``LABYARD_SYSTEM_METRICS=on``) every run gets MLflow's ``system/``
+  metrics (CPU, memory, GPU utilisation and memory per device through NVML).
 - the experiment is ``<project>/<notebook path>``; ``mlflow.autolog()`` is on for the installed
   libraries (models are not saved unless ``LABYARD_AUTOLOG_LOG_MODELS=1``: saving them is slow);
 - every run gets the ``labyard.*`` provenance tags and artifacts (see :mod:`.provenance`).
@@ -81,11 +85,13 @@ class Autolog:
         sync.allow_local_store()
         self.store, self._owner_lock = sync.new_store(config.queue_dir)
         # before anything imports MLflow: this process logs locally, and never retries for long
-        os.environ["MLFLOW_TRACKING_URI"] = sync.store_uri(self.store)
+        os.environ.update(sync.local_env(self.store))
         os.environ["MLFLOW_EXPERIMENT_NAME"] = config.experiment_name
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        sync.quiet_client_env()
         os.environ["LABYARD_MLFLOW_URI"] = config.remote_uri  # child processes find the server
+        if config.system_metrics:  # MLflow's own monitor, started by every mlflow.start_run
+            os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "true"
+            os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = str(config.system_metrics_interval)
         self.inputs = InputTracker(config.project_dir, exclude=(config.queue_dir,))
         self.inputs.install()
         self.provenance = Provenance(config, self.inputs)
@@ -93,28 +99,27 @@ class Autolog:
         self.ready = threading.Event()
         self.error: str | None = None
         self._autologged = False
+        self._first_cell = True
 
     def start(self) -> None:
         _quiet_background_threads()
         threading.Thread(target=self._setup, name="labyard-autolog-setup", daemon=True).start()
 
     def _setup(self) -> None:
-        """Import MLflow (seconds) and switch autolog on, off the kernel's main thread."""
+        """Import MLflow (seconds) off the kernel's main thread, then start the syncer.
+
+        It creates nothing in MLflow: the experiment is made from ``MLFLOW_EXPERIMENT_NAME`` by
+        MLflow itself where it is first used, and the provenance tags come from an entry point
+        (:mod:`.context`). A cell may use MLflow before this thread is done (on a busy node the
+        import takes longer than the first cell waits); a second creator here would race it
+        (get-or-create is not atomic: one of the two would fail with "already exists")."""
         try:
             self.provenance.gather_kernel_facts()
-            import mlflow
-            from mlflow.tracking.context.registry import _run_context_provider_registry
-
-            from .provenance import context_provider
+            import mlflow  # noqa: F401
 
             logging.getLogger("mlflow").setLevel(logging.WARNING)
-            client = mlflow.MlflowClient()
-            name = self.config.experiment_name
-            exp = client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp else client.create_experiment(name)
-            mlflow.set_experiment(experiment_id=exp_id)
-            _run_context_provider_registry.register(context_provider(self.provenance))
-            log.info("autolog on: experiment %s, store %s, server %s", name, self.store, self.config.remote_uri)
+            log.info("autolog on: experiment %s, store %s, server %s", self.config.experiment_name, self.store,
+                     self.config.remote_uri)
         except Exception as e:  # noqa: BLE001 - recording must never break the kernel
             self.error = f"{type(e).__name__}: {e}"
             log.exception("autolog setup failed")
@@ -127,12 +132,17 @@ class Autolog:
 
         It must not run in a background thread: it registers import hooks under a lock while
         the main thread may be importing the very library it patches (a deadlock). The first
-        cell waits for the background setup only if it runs within seconds of the kernel start.
+        cell waits up to 30 s for the background setup (importing MLflow takes seconds, more on
+        a busy node); if that was not enough, a later cell switches it on once the setup is
+        done, without waiting.
         """
         if self._autologged:
             return
+        first, self._first_cell = self._first_cell, False
+        if not self.ready.wait(30 if first else 0):
+            return
         self._autologged = True
-        if not self.ready.wait(30) or self.error:
+        if self.error:
             return
         try:
             import warnings
@@ -166,6 +176,9 @@ class Autolog:
                     mlflow.end_run()
         except Exception:  # noqa: BLE001
             log.exception("ending the active run at exit failed")
+        from .journal import commit_all
+
+        commit_all()
         self.syncer.stop(flush_seconds=3)
 
 

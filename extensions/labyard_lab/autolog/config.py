@@ -14,6 +14,9 @@ from pathlib import Path
 #: JupyterLab plugin whose user settings carry the per-user switch (``"autolog": false``)
 SETTINGS_PLUGIN = ("labyard-lab", "runs.jupyterlab-settings")
 OFF_VALUES = {"0", "false", "off", "no"}
+ON_VALUES = {"1", "true", "on", "yes"}
+#: MLflow's default sampling interval of system metrics, in seconds
+SYSTEM_METRICS_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,9 @@ class AutologConfig:
         notebook_path: absolute path of the notebook this kernel belongs to, if known.
         queue_dir: durable local queue root (``$LABYARD_AUTOLOG_QUEUE`` or ``~/.labyard/mlflow-queue``).
         log_models: also let ``mlflow.autolog`` save fitted models (off by default: it is slow).
+        system_metrics: sample CPU, memory, disk, network and (where NVML is present) GPU
+            metrics into every run (see :func:`system_metrics`).
+        system_metrics_interval: seconds between two samples.
     """
 
     project: str
@@ -37,6 +43,8 @@ class AutologConfig:
     notebook_path: Path | None
     queue_dir: Path
     log_models: bool = False
+    system_metrics: bool = False
+    system_metrics_interval: float = SYSTEM_METRICS_INTERVAL
 
     @property
     def notebook_relpath(self) -> str:
@@ -63,6 +71,28 @@ def default_queue_dir(env: dict[str, str] | None = None) -> Path:
     if env.get("LABYARD_AUTOLOG_QUEUE"):
         return Path(env["LABYARD_AUTOLOG_QUEUE"])
     return Path(env.get("HOME") or Path.home()) / ".labyard" / "mlflow-queue"
+
+
+def system_metrics(env: dict[str, str] | None = None, *, scheduled: bool = False) -> tuple[bool, float]:
+    """Whether runs get MLflow's ``system/`` metrics, and the sampling interval in seconds.
+
+    ``LABYARD_SYSTEM_METRICS=on|off`` decides; unset, they are on for scheduled runs (one long
+    run per notebook) and for interactive kernels of a GPU flavour (``LABYARD_GPUS`` > 0, set
+    by the spawner), off for interactive CPU kernels, whose many short autologged runs would
+    each get a sampling thread for nothing. ``LABYARD_SYSTEM_METRICS_INTERVAL`` (default 10).
+    """
+    env = os.environ if env is None else env
+    switch = env.get("LABYARD_SYSTEM_METRICS", "").strip().lower()
+    try:
+        gpus = int(env.get("LABYARD_GPUS") or 0)
+    except ValueError:
+        gpus = 0
+    on = switch in ON_VALUES or (switch not in OFF_VALUES and (scheduled or gpus > 0))
+    try:
+        interval = float(env.get("LABYARD_SYSTEM_METRICS_INTERVAL") or SYSTEM_METRICS_INTERVAL)
+    except ValueError:
+        interval = SYSTEM_METRICS_INTERVAL
+    return on, max(interval, 0.1)
 
 
 def _loads_lenient(text: str) -> dict:
@@ -133,6 +163,7 @@ def from_env(env: dict[str, str] | None = None) -> tuple[AutologConfig | None, s
     notebook = notebook_from_env(env, project_dir)
     if not notebook_enabled(notebook):
         return None, f"turned off in the notebook's metadata ({notebook})"
+    sysmetrics, interval = system_metrics(env)
     return AutologConfig(
         project=project,
         user=env.get("JUPYTERHUB_USER") or env.get("USER") or "unknown",
@@ -140,5 +171,7 @@ def from_env(env: dict[str, str] | None = None) -> tuple[AutologConfig | None, s
         project_dir=project_dir,
         notebook_path=notebook,
         queue_dir=default_queue_dir(env),
-        log_models=env.get("LABYARD_AUTOLOG_LOG_MODELS", "").lower() in {"1", "true", "on", "yes"},
+        log_models=env.get("LABYARD_AUTOLOG_LOG_MODELS", "").lower() in ON_VALUES,
+        system_metrics=sysmetrics,
+        system_metrics_interval=interval,
     ), ""

@@ -3,7 +3,7 @@
 Usage (what the scheduler runs in the job's process or pod)::
 
     python -m labyard_lab.autolog.papermill INPUT.ipynb OUTPUT.ipynb \\
-        [-p NAME VALUE]... [-y YAML] [-f PARAMS.yaml|json] [--cwd DIR] [--kernel NAME] [--run-name NAME]
+        [-p NAME VALUE]... [-y YAML] [-f PARAMS.yaml|json] [--cwd DIR] [--kernel NAME] [--engine NAME] [--run-name NAME]
         [--log-output] [--request-save-on-cell-execute] [--sync-timeout S]
 
 Environment: ``LABYARD_PROJECT`` (required), ``JUPYTERHUB_USER`` (or ``LABYARD_USER``),
@@ -14,8 +14,12 @@ The run is recorded in the experiment ``<project>/<input notebook path>`` with t
 params, the tags of an interactive run plus ``labyard.run_kind = scheduled``, and the input and
 output notebooks as artifacts ``notebook/<name>`` and ``output/<name>``. Code in the notebook that
 calls MLflow logs into the same run (the kernel gets ``MLFLOW_RUN_ID``). Recording goes through
-the durable queue: if the server is unreachable the run is replayed later by any kernel of the
-user (or the next scheduled run). The last line on stdout is JSON:
+the durable queue (the kernel's MLflow calls go to the journal, see :mod:`.journal`), sent to
+the server while the notebook runs and until ``--sync-timeout`` after it: if the server is
+unreachable the rest is replayed later by any kernel of the user (or the next scheduled run).
+System metrics (``system/...``: CPU, memory and, where NVML is present, each GPU) are sampled
+into the run by this process every ``LABYARD_SYSTEM_METRICS_INTERVAL`` seconds (default 10)
+unless ``LABYARD_SYSTEM_METRICS=off``. The last line on stdout is JSON:
 ``{"local_run_id", "run_id" (null if not yet on the server), "experiment", "status"}``.
 Exit status: 0 when the notebook ran, 1 when it failed, 2 for a usage error.
 """
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import AutologConfig, default_queue_dir, experiment_name
+from .config import AutologConfig, default_queue_dir, experiment_name, system_metrics
 from .provenance import Provenance
 from . import sync
 
@@ -50,6 +54,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-save-on-cell-execute", action="store_true", help="save the output notebook after every cell")
     p.add_argument("--cwd", help="working directory of the kernel (default: the input's directory)")
     p.add_argument("--kernel", help="kernel name (default: the notebook's)")
+    p.add_argument("--engine", help="papermill engine (default: papermill's own)")
     p.add_argument("--run-name")
     p.add_argument("--sync-timeout", type=float, default=60, help="seconds to wait for the server (the rest stays queued)")
     return p.parse_args(argv)
@@ -81,12 +86,13 @@ def run(argv: list[str] | None = None) -> int:
     )
     config.queue_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     sync.allow_local_store()
+    sync.quiet_client_env()
     store, owner = sync.new_store(config.queue_dir)
-    local_uri = sync.store_uri(store)
+    local = sync.local_env(store)
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=local_uri)
+    client = MlflowClient(tracking_uri=sync.file_uri(store), registry_uri=sync.file_uri(store))
     # a scheduled run executes a snapshot; it belongs to the notebook it was made from
     notebook_rel = env.get("LABYARD_NOTEBOOK")
     experiment = experiment_name(project, notebook_rel) if notebook_rel else config.experiment_name
@@ -105,34 +111,59 @@ def run(argv: list[str] | None = None) -> int:
         client.log_param(run_id, name, json.dumps(value) if not isinstance(value, str) else value)
 
     import papermill
+    # Imported here, before any thread of ours starts: the syncer's and the system-metrics
+    # threads import parts of IPython too (through MLflow), and concurrent first imports of
+    # IPython's circular package race in Python 3.11's import machinery (a run failed with
+    # "KeyError: 'IPython'" inside jupyter_client's kernelspec while another run's records synced)
+    import IPython  # noqa: F401
+    import jupyter_client.kernelspec  # noqa: F401
 
-    kernel_env = {"MLFLOW_TRACKING_URI": local_uri, "MLFLOW_RUN_ID": run_id, "LABYARD_AUTOLOG": "off",
-                  "LABYARD_MLFLOW_URI": remote}
+    # the kernel logs into this run through the journal; system metrics are this process's job
+    kernel_env = {**local, "MLFLOW_RUN_ID": run_id, "LABYARD_AUTOLOG": "off", "LABYARD_MLFLOW_URI": remote,
+                  "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     saved = {k: os.environ.get(k) for k in kernel_env}
     os.environ.update(kernel_env)
+    monitor = None
+    sysmetrics, interval = system_metrics(scheduled=True)
+    if sysmetrics:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=local["MLFLOW_TRACKING_URI"])
+        monitor.start()
+    syncer = sync.Syncer(config.queue_dir, remote, provenance.spool)
+    syncer.finish_runs = False  # the kernel ends "its" run at exit; the run is over when we say so
+    syncer.start()  # metrics reach the server while the notebook runs
     status = "FINISHED"
     try:
         papermill.execute_notebook(str(inp), str(out), parameters=params, cwd=args.cwd or str(inp.parent),
-                                   kernel_name=args.kernel, progress_bar=False, log_output=args.log_output,
+                                   kernel_name=args.kernel, engine_name=args.engine, progress_bar=False,
+                                   log_output=args.log_output,
                                    request_save_on_cell_execute=args.request_save_on_cell_execute)
     except Exception as e:  # noqa: BLE001 - PapermillExecutionError, or the kernel died
         status = "FAILED"
         print(f"notebook failed: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
+        if monitor is not None:
+            monitor.finish()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    from .journal import commit_all
+
+    commit_all()
     if out.exists():
         client.log_artifact(run_id, str(out), "output")
     client.set_terminated(run_id, status)
-
-    syncer = sync.Syncer(config.queue_dir, remote, provenance.spool)
+    syncer.stop(flush_seconds=0)
+    syncer.finish_runs = True
     deadline = time.monotonic() + args.sync_timeout
     remote_id = None
     while True:  # we still own the store, so the syncer does not remove it under us
-        syncer.sync_all(deadline=deadline)
+        # our own store only, waiting for another run's syncer that replays it right now: a
+        # skipped pass would leave the output notebook behind when this process ends
+        syncer.sync_all(deadline=deadline, only=store)
         rs = sync._read_json(store / "sync-state.json", {"runs": {}})["runs"].get(run_id, {})
         remote_id = rs.get("remote_id")
         if rs.get("done") or time.monotonic() > deadline:

@@ -235,22 +235,3 @@ class Provenance:
             tags["labyard.inputs.count"] = str(len(files))
             (spool / "inputs.pending.json").write_text(json.dumps({"root": str(c.project_dir), "files": files}))
         return tags
-
-
-def context_provider(provenance: Provenance):
-    """An MLflow RunContextProvider class bound to this kernel's provenance (registered last, so
-    its tags override MLflow's defaults such as ``mlflow.source.name = ipykernel_launcher.py``)."""
-    from mlflow.tracking.context.abstract_context import RunContextProvider
-
-    class LabyardRunContext(RunContextProvider):
-        def in_context(self) -> bool:
-            return True
-
-        def tags(self) -> dict[str, str]:
-            try:
-                return provenance.run_tags()
-            except Exception:  # never break the user's run
-                return {"labyard.user": provenance.config.user, "labyard.project": provenance.config.project,
-                        "labyard.notebook": provenance.config.notebook_relpath}
-
-    return LabyardRunContext
