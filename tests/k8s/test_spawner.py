@@ -39,37 +39,6 @@ def policy_file(tmp_path_factory) -> Path:
     return path
 
 
-HELM_CHART = Path(__file__).resolve().parents[2] / "helm" / "labyard"
-
-
-@pytest.fixture(scope="module")
-def service_accounts(tmp_path_factory, k8s_testbed) -> dict[str, Path]:
-    """The chart's RBAC applied in namespace ``labyard``; a kubeconfig per service account.
-
-    The hub and the controller below run with these, not as cluster admin: the tests prove the
-    documented rules are enough.
-    """
-    tb = k8s_testbed
-    tb.kubectl("create", "namespace", "labyard", check=False)
-    rendered = tb.helm("template", "labyard", str(HELM_CHART), "--namespace", "labyard").stdout
-    tb.kubectl("apply", "-f", "-", input=rendered)
-    admin = json.loads(Path(tb.kubeconfig).read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    out = tmp_path_factory.mktemp("sa")
-    paths = {}
-    for sa in ("hub", "project-controller"):
-        token = tb.kubectl("create", "token", sa, "-n", "labyard", "--duration=2h").stdout.strip()
-        config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": sa,
-            "clusters": [{"name": "testbed", "cluster": cluster}],
-            "users": [{"name": sa, "user": {"token": token}}],
-            "contexts": [{"name": sa, "context": {"cluster": "testbed", "user": sa}}],
-        }
-        paths[sa] = out / f"{sa}.kubeconfig"
-        paths[sa].write_text(json.dumps(config))
-    return paths
-
-
 def _fresh_project_namespaces(tb) -> None:
     """Other test modules share the testbed: start from no project namespaces."""
     for project in ("vision", "nlp", "robotics"):
@@ -88,6 +57,8 @@ def stack(tmp_path_factory, k8s_testbed, policy_file, service_accounts):
         "policy_file": str(policy_file),
         "kubernetes": {"controller_interval": 2, "controller_kubeconfig": str(service_accounts["project-controller"])},
         "cull": {"enabled": False},
+        # users are found without asking for posixAccount: one without uidNumber can log in
+        "ldap": {"user_search_filter": "(&(objectClass=inetOrgPerson)(uid={username}))"},
     }
     s = Stack(tmp_path_factory.mktemp("labyard-k8s"), config=config, kubeconfig=str(service_accounts["hub"])).start()
     # the project controller has made the project namespaces
@@ -142,6 +113,11 @@ def test_service_accounts_hold_no_more_than_documented(k8s_testbed, service_acco
     assert not can("project-controller", "create", "pods", "-n", "labyard-vision")
     assert can("scheduler", "create", "jobs.batch", "-n", "labyard-vision")
     assert not can("scheduler", "create", "pods", "-n", "labyard-vision")
+    # nobody but the hub gets at a server's token: the scheduler reads no pods, nobody reads secrets
+    for verb, what in (("get", "pods"), ("list", "pods"), ("get", "pods/log"), ("get", "secrets")):
+        assert not can("scheduler", verb, what, "-n", "labyard-vision"), (verb, what)
+        assert not can("project-controller", verb, what, "-n", "labyard-vision"), (verb, what)
+    assert can("hub", "create", "secrets", "-n", "labyard-vision") and not can("hub", "list", "secrets", "-n", "labyard-vision")
 
 
 def test_project_controller_made_the_namespaces(k8s_testbed, stack):
@@ -150,7 +126,7 @@ def test_project_controller_made_the_namespaces(k8s_testbed, stack):
     assert k8s_testbed.api.get("/api/v1/namespaces/labyard-nlp/resourcequotas/labyard-quota")["spec"]["hard"]["requests.nvidia.com/gpu"] == "2"
     assert k8s_testbed.api.get("/api/v1/namespaces/labyard-vision/limitranges/labyard-defaults")
     netpol = k8s_testbed.api.get("/apis/networking.k8s.io/v1/namespaces/labyard-vision/networkpolicies/labyard-default-deny")
-    assert netpol["spec"]["policyTypes"] == ["Ingress"]
+    assert netpol["spec"]["policyTypes"] == ["Ingress", "Egress"]
     pvc = k8s_testbed.api.get("/api/v1/namespaces/labyard-vision/persistentvolumeclaims/project-vision")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["resources"]["requests"]["storage"] == "500Gi"
     binding = k8s_testbed.api.get("/apis/rbac.authorization.k8s.io/v1/namespaces/labyard-vision/rolebindings/labyard-hub")
@@ -179,6 +155,16 @@ def test_gpu_pod_spec(k8s_testbed, alice_servers):
     assert mounts["project"] == "/srv/project" and mounts["home"] == "/home/alice"
     labels = pod["metadata"]["labels"]
     assert (labels["labyard.dev/project"], labels["labyard.dev/user"], labels["labyard.dev/flavor"]) == ("vision", "alice", "gpu-1")
+    # the hub token is not in the pod spec (which others may read): it comes from the server's Secret
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"):
+        assert "value" not in env[name], name
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "jupyter-alice--vision-token", "key": name}
+    secret = k8s_testbed.api.get("/api/v1/namespaces/labyard-vision/secrets/jupyter-alice--vision-token")
+    import base64
+
+    token = base64.b64decode(secret["data"]["JUPYTERHUB_API_TOKEN"]).decode()
+    assert len(token) >= 32 and token not in json.dumps(pod)
 
 
 def test_cpu_pod_in_other_project_runs_with_that_gid(k8s_testbed, alice_servers):
@@ -269,7 +255,9 @@ def test_progress_tells_phases_apart(k8s_testbed, stack, alice_servers, k8s_name
             text += line + "\n"
             if "Insufficient nvidia.com/gpu" in line or time.monotonic() > deadline:
                 break
-        assert "[scheduling] FailedScheduling: 0/3 nodes are available" in text and "Insufficient nvidia.com/gpu" in text, text
+        nodes = len(tb.api.get("/api/v1/nodes")["items"])  # the kwok nodes and the real node
+        assert f"[scheduling] FailedScheduling: 0/{nodes} nodes are available" in text, text
+        assert "Insufficient nvidia.com/gpu" in text, text
     finally:
         carol.delete(f"{carol.base}/users/carol/servers/nlp")
         wait_for(lambda: not _exists(tb, "/api/v1/namespaces/labyard-nlp/pods/jupyter-carol--nlp"), 60, "carol's pod gone")
@@ -280,16 +268,19 @@ def test_stopping_deletes_the_pod(k8s_testbed, stack):
     assert carol.post(f"{carol.base}/users/carol/servers/nlp", json={"flavor": "cpu"}).status_code in (201, 202)
     stack.wait_ready(carol, "carol", "nlp", timeout=120)
     assert _exists(k8s_testbed, "/api/v1/namespaces/labyard-nlp/pods/jupyter-carol--nlp")
+    assert _exists(k8s_testbed, "/api/v1/namespaces/labyard-nlp/secrets/jupyter-carol--nlp-token")
     assert carol.delete(f"{carol.base}/users/carol/servers/nlp").status_code in (202, 204)
     wait_for(lambda: not _exists(k8s_testbed, "/api/v1/namespaces/labyard-nlp/pods/jupyter-carol--nlp"), 60, "pod deleted")
+    wait_for(lambda: not _exists(k8s_testbed, "/api/v1/namespaces/labyard-nlp/secrets/jupyter-carol--nlp-token"), 60,
+             "the server's token Secret deleted")
 
 
 def test_hub_restart_reattaches_running_servers(stack, alice_servers):
     hub = next(p for p in psutil.Process(stack.proc.pid).children() if "jupyterhub" in " ".join(p.cmdline()))
     hub.terminate()
-    hub.wait(30)
+    hub.wait(180)  # it stops its services first: 20 s and more on a loaded machine
     # labyard up restarts the hub; the pods kept running and the hub finds them again
-    wait_for(lambda: _hub_up(stack), 60, "hub restarted")
+    wait_for(lambda: _hub_up(stack), 180, "hub restarted")
     alice = stack.api("alice")
     servers = alice.get(f"{alice.base}/users/alice").json()["servers"]
     assert servers["vision"]["ready"] and servers["nlp"]["ready"]
@@ -322,3 +313,20 @@ def test_controller_follows_projects_in_ldap(k8s_testbed, stack):
     assert not _exists(k8s_testbed, "/apis/rbac.authorization.k8s.io/v1/namespaces/labyard-robotics/rolebindings/labyard-hub")
     assert _exists(k8s_testbed, "/api/v1/namespaces/labyard-robotics/persistentvolumeclaims/project-robotics")
 
+
+
+def test_user_without_uid_number_is_refused_a_pod_naming_the_attribute(k8s_testbed, stack):
+    conn = stack.demo_ldap()
+    dn = f"uid=dave,ou=people,{SUFFIX}"
+    conn.add(dn, ["inetOrgPerson"], {"uid": "dave", "cn": "Dave Dunn", "sn": "Dunn", "userPassword": demo.PASSWORD})
+    vision = f"cn=vision,ou=projects,{SUFFIX}"
+    conn.modify(vision, {"memberUid": [("MODIFY_ADD", ["dave"])]})
+    try:
+        dave = stack.api("dave")  # logging in works
+        r = dave.post(f"{dave.base}/users/dave/servers/vision", json={})
+        assert r.status_code == 400, r.text
+        assert "dave has no uidNumber in the directory" in r.json()["message"]
+        assert not _exists(k8s_testbed, "/api/v1/namespaces/labyard-vision/pods/jupyter-dave--vision")
+    finally:
+        conn.modify(vision, {"memberUid": [("MODIFY_DELETE", ["dave"])]})
+        conn.delete(dn)

@@ -96,12 +96,12 @@ def _alive(path: str) -> int | None:
     return None
 
 
-def _spawn(state: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+def _spawn(state: str, name: str, argv: list[str], env: dict[str, str] | None = None, preexec_fn=None) -> int:
     logs = os.path.join(state, "logs")
     os.makedirs(logs, exist_ok=True)
     with open(os.path.join(logs, f"{name}.log"), "ab") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env or _clean_env())
+                                start_new_session=True, env=env or _clean_env(), preexec_fn=preexec_fn)
     os.makedirs(os.path.join(state, "pids"), exist_ok=True)
     with open(os.path.join(state, "pids", f"{name}.pid"), "w") as f:
         f.write(f"{proc.pid} {_proc_start_time(proc.pid)}\n")
@@ -171,26 +171,38 @@ def make_pki(pki: str) -> None:
                   "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment"),
     }
     for name, (subj, ext) in certs.items():
-        _openssl("req", "-new", *ec, "-keyout", p(f"{name}.key"), "-out", p(f"{name}.csr"), "-subj", subj)
-        with open(p(f"{name}.ext"), "w") as f:
-            f.write(ext + "\n")
-        _openssl("x509", "-req", "-in", p(f"{name}.csr"), "-CA", p("ca.crt"), "-CAkey", p("ca.key"),
-                 "-CAcreateserial", "-out", p(f"{name}.crt"), "-days", "3650", "-extfile", p(f"{name}.ext"))
+        _issue_cert(pki, name, subj, ext)
     _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", p("sa.key"))
     _openssl("pkey", "-in", p("sa.key"), "-pubout", "-out", p("sa.pub"))
     open(p("done-v2"), "w").close()
 
 
-def write_kubeconfig(path: str, pki: str, port: int) -> None:
+def _issue_cert(pki: str, name: str, subj: str, ext: str) -> None:
+    """``<name>.key`` and ``<name>.crt`` signed by the testbed CA, with the given x509v3 extensions."""
+    p = lambda n: os.path.join(pki, n)  # noqa: E731
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-new", *ec, "-keyout", p(f"{name}.key"), "-out", p(f"{name}.csr"), "-subj", subj)
+    with open(p(f"{name}.ext"), "w") as f:
+        f.write(ext + "\n")
+    _openssl("x509", "-req", "-in", p(f"{name}.csr"), "-CA", p("ca.crt"), "-CAkey", p("ca.key"),
+             "-CAcreateserial", "-out", p(f"{name}.crt"), "-days", "3650", "-extfile", p(f"{name}.ext"))
+
+
+def write_kubeconfig(path: str, pki: str, port: int, host: str = "127.0.0.1", user: str = "admin",
+                     server_name: str | None = None) -> None:
+    """A kubeconfig for the client certificate ``<pki>/<user>.crt``; ``server_name``: the name
+    to check the API server's certificate against when ``host`` is not one of its addresses."""
     # JSON is YAML: kubectl, helm and kubernetes_asyncio read it, and so does kubeapi.py.
+    cluster = {"server": f"https://{host}:{port}", "certificate-authority": os.path.join(pki, "ca.crt")}
+    if server_name:
+        cluster["tls-server-name"] = server_name
     cfg = {
         "apiVersion": "v1", "kind": "Config", "current-context": "labyard-testbed",
-        "clusters": [{"name": "labyard-testbed", "cluster": {
-            "server": f"https://127.0.0.1:{port}", "certificate-authority": os.path.join(pki, "ca.crt")}}],
-        "users": [{"name": "labyard-testbed-admin", "user": {
-            "client-certificate": os.path.join(pki, "admin.crt"), "client-key": os.path.join(pki, "admin.key")}}],
+        "clusters": [{"name": "labyard-testbed", "cluster": cluster}],
+        "users": [{"name": f"labyard-testbed-{user}", "user": {
+            "client-certificate": os.path.join(pki, f"{user}.crt"), "client-key": os.path.join(pki, f"{user}.key")}}],
         "contexts": [{"name": "labyard-testbed", "context": {
-            "cluster": "labyard-testbed", "user": "labyard-testbed-admin", "namespace": "default"}}],
+            "cluster": "labyard-testbed", "user": f"labyard-testbed-{user}", "namespace": "default"}}],
         "preferences": {},
     }
     tmp = path + ".tmp"
@@ -266,7 +278,24 @@ def _paths(state: str) -> dict[str, str]:
 
 
 def running(state: str) -> dict[str, int | None]:
-    return {c: _alive(os.path.join(state, "pids", f"{c}.pid")) for c in COMPONENTS}
+    """The components' pids (None: not running); the real node's too unless it is turned off."""
+    alive = {c: _alive(os.path.join(state, "pids", f"{c}.pid")) for c in COMPONENTS}
+    if _node_wanted(state):
+        from . import node
+
+        alive.update(node.running(state))
+    return alive
+
+
+def _node_wanted(state: str) -> bool:
+    """Whether this testbed has, or at its next ``up`` gets, the real node."""
+    from . import node
+
+    try:
+        with open(_paths(state)["config"]) as f:
+            return node.enabled() or "node" in json.load(f)
+    except (OSError, ValueError):
+        return node.enabled()
 
 
 def _api(state: str) -> KubeApi:
@@ -307,6 +336,8 @@ def _tail(path: str, n: int = 20) -> str:
 
 
 def up(args: argparse.Namespace) -> int:
+    from . import node as node_mod
+
     state = state_dir()
     os.makedirs(state, exist_ok=True)
     paths = _paths(state)
@@ -323,6 +354,13 @@ def up(args: argparse.Namespace) -> int:
     if bin_dir is None:
         say("binaries not built yet: building (cold: see docs/dev/testbed.md for the time)")
         bin_dir = build()
+    node_bin = None
+    if node_mod.enabled():
+        node_bin = node_mod.bin_dir_if_built()
+        if node_bin is None:
+            say("real-node binaries not built yet: building (LABYARD_TESTBED_REAL_NODE=0 to go without)")
+            build()
+            node_bin = node_mod.bin_dir_if_built()
     b = lambda n: os.path.join(bin_dir, n)  # noqa: E731
     # A fresh cluster every time it is started: no leftovers from earlier runs. (Whoever started
     # it marks that themselves: the pytest fixture writes started-by-pytest after this.)
@@ -340,7 +378,7 @@ def up(args: argparse.Namespace) -> int:
     write_kubeconfig(paths["kubeconfig"], paths["pki"], ports["apiserver"])
     venv_bin = os.environ.get("LABYARD_TESTBED_POD_PATH", os.path.join(REPO, ".venv", "bin"))
     config = {"bin_dir": bin_dir, "ports": ports, "apiserver_port": ports["apiserver"],
-              "pod_network": pod_network(state),
+              "pod_network": pod_network(state), "kwok_nodes": [n[0] for n in NODES],
               "kubelet_port": ports["kubelet"],
               "path_prefix": [p for p in venv_bin.split(":") if p], "expose": _python_expose(venv_bin)}
     with open(paths["config"], "w") as f:
@@ -364,8 +402,8 @@ def up(args: argparse.Namespace) -> int:
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         "--api-audiences=https://kubernetes.default.svc.cluster.local",
         "--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",
-        "--authorization-mode=RBAC", "--allow-privileged=true",
-        "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,"
+        "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+        "--enable-admission-plugins=NodeRestriction,NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,"
         "DefaultTolerationSeconds,PodSecurity,Priority,StorageObjectInUseProtection,"
         "PersistentVolumeClaimResize,RuntimeClass,MutatingAdmissionWebhook,ValidatingAdmissionPolicy,"
         "ValidatingAdmissionWebhook,ResourceQuota",
@@ -405,15 +443,26 @@ def up(args: argparse.Namespace) -> int:
         if e.status != 409:
             raise
 
-    def nodes_ready() -> bool:
-        items = api.get("/api/v1/nodes")["items"]
+    def nodes_ready() -> bool:  # the simulated ones; the real node is waited for below
+        items = [n for n in api.get("/api/v1/nodes")["items"] if n["metadata"]["name"] in config["kwok_nodes"]]
         return len(items) >= len(NODES) and all(
             any(c["type"] == "Ready" and c["status"] == "True" for c in n.get("status", {}).get("conditions", []))
             for n in items)
 
+    if node_bin:
+        t_node = time.monotonic()
+        config["node"] = node_mod.start(state, bin_dir, node_bin, paths["pki"], ports["apiserver"], api)
+        config["node_bin_dir"] = node_bin
+        with open(paths["config"], "w") as f:
+            json.dump(config, f, indent=1)
     _wait("the nodes to be Ready", nodes_ready, 60, state, 0.2)
     _wait("the default ServiceAccount", lambda: api.get("/api/v1/namespaces/default/serviceaccounts/default"),
           60, state, 0.2)
+    if node_bin:
+        _wait("the real node to be Ready and cluster DNS to answer (logs: kubelet.log, containerd.log)",
+              lambda: node_mod.ready(api), 180, state, 0.5)
+        say(f"real node {node_mod.NODE_NAME} ready {time.monotonic() - t_node:.1f} s after its start; "
+            f"node IP {config['node']['node_ip']}, pods {config['node']['pod_cidr']}")
     say(f"up in {time.monotonic() - t0:.1f} s (API server ready after {t_api:.1f} s); state {state}")
     print(f"KUBECONFIG={paths['kubeconfig']}")
     return 0
@@ -444,18 +493,28 @@ def _python_expose(venv_bins: str) -> list[str]:
     return out
 
 
-def down(args: argparse.Namespace, quiet: bool = False) -> int:
-    state = state_dir()
+def stop_components(state: str, names: list[str], timeout: float) -> list[str]:
+    """Stop these components in this order (SIGTERM, SIGKILL after ``timeout``); the stopped ones."""
     stopped = []
-    # The runner first (it stops its pods), then the rest in reverse start order.
-    for c in ["runner", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]:
+    for c in names:
         pidfile = os.path.join(state, "pids", f"{c}.pid")
         rec = _read_pidfile(pidfile)
         if rec and _alive(pidfile):
-            _stop_pid(rec[0], rec[1], 10)
+            _stop_pid(rec[0], rec[1], timeout)
             stopped.append(c)
         if os.path.exists(pidfile):
             os.unlink(pidfile)
+    return stopped
+
+
+def down(args: argparse.Namespace, quiet: bool = False) -> int:
+    state = state_dir()
+    from . import node
+
+    stopped = node.stop(state)  # first: its kubelet would otherwise report pods to a dying API
+    # The runner first (it stops its pods), then the rest in reverse start order.
+    stopped += stop_components(state, ["runner", "kwok", "kube-scheduler", "kube-controller-manager",
+                                       "kube-apiserver", "etcd"], 10)
     # Pod processes left behind by a runner that died.
     pods = os.path.join(state, "pods")
     for root, _dirs, files in os.walk(pods):
@@ -481,6 +540,52 @@ def status(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def load_image(sources: list[str]) -> int:
+    """``testbed load-image``: archives as they are, podman images through ``podman save``."""
+    state = state_dir()
+    try:
+        for src in sources:
+            for name in _load_one(state, src):
+                print(name)
+    except RuntimeError as e:
+        say(str(e))
+        return 1
+    return 0
+
+
+def _load_one(state: str, src: str) -> list[str]:
+    import tempfile
+
+    from .node import images as node_images
+    from .node import import_archive
+
+    if os.path.isfile(src):
+        return import_archive(state, src)
+    if not shutil.which("podman"):
+        raise RuntimeError(f"{src}: not a file, and podman (for a podman image name) is not installed")
+    proc = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", src], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{src}: not a file, and podman has no such image: {proc.stderr.strip()}")
+    image_id = proc.stdout.strip()
+    # podman images this node has imported (the node's dir is new at each `up`): the same image
+    # again is not saved and imported again (1.5 GB images take minutes on a loaded machine).
+    record = os.path.join(state, "node", "podman-images.json")
+    loaded = json.load(open(record)) if os.path.exists(record) else {}
+    if loaded.get(src, {}).get("id") == image_id and all(n in node_images(state) for n in loaded[src]["names"]):
+        return loaded[src]["names"]
+    with tempfile.TemporaryDirectory(prefix="labyard-image-") as tmp:
+        archive = os.path.join(tmp, "image.tar")
+        proc = subprocess.run(["podman", "save", "--format", "docker-archive", "-o", archive, src],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{src}: podman cannot save it: {proc.stderr.strip()}")
+        names = import_archive(state, archive)
+    loaded[src] = {"id": image_id, "names": names}
+    with open(record, "w") as f:
+        json.dump(loaded, f)
+    return names
+
+
 def runner_main(args: argparse.Namespace) -> int:
     from .runner import Runner
 
@@ -501,7 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything the testbed started")
     sub.add_parser("status", help="show the components; exit 0 when ready")
     sub.add_parser("env", help="print KUBECONFIG and PATH lines for the shell (eval \"$(testbed env)\")")
+    li = sub.add_parser("load-image", help="import images into the real node's containerd: OCI or docker "
+                        "archives (.tar), or podman image names (saved with podman save); prints their names")
+    li.add_argument("images", nargs="+", metavar="ARCHIVE|PODMAN-IMAGE")
     sub.add_parser("_runner", help=argparse.SUPPRESS)
+    fw = sub.add_parser("_forward", help=argparse.SUPPRESS)
+    fw.add_argument("listen")
+    fw.add_argument("target")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         print(build())
@@ -510,7 +621,20 @@ def main(argv: list[str] | None = None) -> int:
         bd = bin_dir_if_built() or ""
         print(f"export KUBECONFIG={_paths(state_dir())['kubeconfig']}")
         print(f"export PATH={bd}:$PATH")
+        try:
+            with open(_paths(state_dir())["config"]) as f:
+                node_cfg = json.load(f).get("node")
+        except (OSError, ValueError):
+            node_cfg = None
+        if node_cfg:
+            print(f"export LABYARD_TESTBED_NODE_IP={node_cfg['node_ip']}")
         return 0
+    if args.cmd == "load-image":
+        return load_image(args.images)
+    if args.cmd == "_forward":
+        from .node import forward
+
+        return forward(args.listen, args.target)
     if args.cmd in ("up", "down"):
         # One `up`/`down` at a time per state dir (parallel test workers share one testbed).
         os.makedirs(state_dir(), exist_ok=True)

@@ -71,7 +71,8 @@ def _hide_root(expose: list[str], stage_base: str) -> None:
         _bind(stage, path, read_only=True)
         _libc.umount2(stage.encode(), MNT_DETACH)
         os.rmdir(stage)
-    os.rmdir(stage_base)
+    if staged:  # made only when something under /root is exposed
+        os.rmdir(stage_base)
 
 
 def main(spec_path: str) -> None:
@@ -81,8 +82,12 @@ def main(spec_path: str) -> None:
     if os.geteuid() == 0:
         # Make the namespace's mounts private so nothing propagates back to the host.
         _mount("none", "/", None, MS_REC | (1 << 18))  # MS_PRIVATE
-        for src, dst, ro in sorted(spec["mounts"], key=lambda m: m[1].count("/")):
-            _bind(src, dst, ro)
+        # Hold every source open first: a mount at e.g. /work would hide sources under a state
+        # dir in /work/... (volumes are mounted from /proc/self/fd/N, which still leads there).
+        mounts = [(os.open(src, os.O_PATH), dst, ro) for src, dst, ro in spec["mounts"]]
+        for fd, dst, ro in sorted(mounts, key=lambda m: m[1].count("/")):
+            _bind(f"/proc/self/fd/{fd}", dst, ro)
+            os.close(fd)
         root_mode = os.stat("/root").st_mode
         if uid != 0 and not root_mode & stat.S_IXOTH:
             _hide_root(spec.get("expose", []), f"/tmp/.labyard-stage-{os.getpid()}")

@@ -148,6 +148,8 @@ class Runner:
             return
         if not pod["spec"].get("nodeName"):
             return  # not scheduled yet: the real scheduler decides
+        if pod["spec"]["nodeName"] not in self.config.get("kwok_nodes", [pod["spec"]["nodeName"]]):
+            return  # on the real node: its kubelet runs it
         deleting = md.get("deletionTimestamp") is not None
         if worker is None:
             if deleting or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):

@@ -72,6 +72,27 @@ class Testbed:
         return self.api.get(f"/api/v1/namespaces/{namespace}/events",
                             fieldSelector=f"involvedObject.name={name}")["items"]
 
+    @property
+    def node(self) -> dict | None:
+        """The real node's part of config.json (name, node_ip, pod_cidr, ...), None without it."""
+        return self.config.get("node")
+
+    def load_image(self, source: str) -> list[str]:
+        """``testbed load-image``: import an image archive or a podman image into the real node."""
+        testbed = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testbed")
+        proc = subprocess.run([testbed, "load-image", source], capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, LABYARD_TESTBED_DIR=self.state_dir))
+        if proc.returncode != 0:
+            raise AssertionError(f"testbed load-image {source} failed: {proc.stderr}")
+        return proc.stdout.split()
+
+
+# Pod spec fields that put a pod on the real node (its label and taint; docs/dev/testbed.md).
+REAL_NODE_PLACEMENT = {
+    "nodeSelector": {"labyard.dev/real-node": "true"},
+    "tolerations": [{"key": "labyard.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
 
 def make_namespace(tb: Testbed, prefix: str = "t") -> str:
     """A fresh namespace whose ``default`` ServiceAccount exists (pods are admitted)."""
