@@ -3,17 +3,30 @@
 import os
 import sys
 
-from labyard_hub import TEMPLATES
+from labyard_hub import TEMPLATES, lifecycle
+from labyard_hub.access import Access
+from labyard_hub.hubdb import engine_kwargs
+from labyard_hub.ldap import ldap_config
+from labyard_hub.projects import PolicyError
 from labyard_hub.settings import Settings
 
 c = get_config()  # noqa: F821
 s = Settings.load()
+try:
+    # the one place the policy is loaded for the hub: a bad file stops it here, naming file and field
+    access = Access.from_settings(s)
+except PolicyError as e:
+    sys.exit(f"Labyard cannot start: {e}")
 
 c.JupyterHub.bind_url = s.bind_url
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = s.hub_port
-c.JupyterHub.db_url = f"sqlite:///{s.hub_dir / 'jupyterhub.sqlite'}"
-c.JupyterHub.cookie_secret_file = str(s.hub_dir / "cookie_secret")
+# The hub's own address as a whole: from hub_ip/hub_port alone, JupyterHub binds the host of
+# hub_connect_url, which in a pod is the hub's Service name (found on the testbed's real node).
+c.JupyterHub.hub_bind_url = f"http://{f'[{s.hub_ip}]' if ':' in s.hub_ip else s.hub_ip}:{s.hub_port}"
+c.JupyterHub.hub_connect_url = s.hub_connect_url
+c.JupyterHub.db_url = s.db_url
+c.JupyterHub.db_kwargs = engine_kwargs(s.db_url)  # sqlite: commits that do not wait for the disk
+c.JupyterHub.upgrade_db = True  # a new Labyard (helm upgrade) may bring a newer JupyterHub; sqlite is backed up first
+c.JupyterHub.cookie_secret_file = str(s.secrets_dir / "cookie-secret")
 c.JupyterHub.pid_file = str(s.hub_dir / "jupyterhub.pid")
 c.JupyterHub.template_paths = [TEMPLATES]
 c.JupyterHub.allow_named_servers = True
@@ -21,35 +34,60 @@ c.JupyterHub.default_url = "/hub/home"
 services, roles = [], []
 service_env = {"LABYARD_SETTINGS": os.environ["LABYARD_SETTINGS"]}
 
+
+def service(name: str, command: list[str], environment: dict | None = None, **spec) -> None:
+    """A hub service. The hub starts it, unless ``external_services`` (the Helm chart runs it as its
+    own Deployment): then it is only declared, with its API token (every Labyard service has a URL or
+    calls the hub's API)."""
+    if not s.external_services:
+        # tied to the hub (stopped when it dies, even by SIGKILL) and marked with the platform's session
+        command, environment = lifecycle.hub_service(command, environment or {})
+        # a loaded machine may take longer than JupyterHub's 30 s to start a service (it exits then)
+        services.append({"name": name, "command": command, "environment": environment,
+                         **({"timeout": 180} if "url" in spec else {}), **spec})
+    else:
+        services.append({"name": name, "api_token": s.secret(f"{name}.api-token"), **spec})
+
+
 # the proxy is started and supervised by `labyard up` (or its own pod), so hub restarts keep routes
 c.ConfigurableHTTPProxy.should_start = False
-c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{s.proxy_api_port}"
-c.ConfigurableHTTPProxy.auth_token = s.proxy_token_file.read_text().strip()
+c.ConfigurableHTTPProxy.api_url = s.proxy_api_url
+c.ConfigurableHTTPProxy.auth_token = s.secret("proxy-token")
 
 c.JupyterHub.authenticator_class = "labyard-ldap"
-for name, value in s.ldap.items():
-    setattr(c.LDAPAuthenticator, name, value)
+c.merge(ldap_config(s.ldap))  # each option to Directory or LDAPAuthenticator (docs/admin/reference.md)
 c.Authenticator.admin_users = set(s.admin_users)
 
+c.Spawner.environment = {}
 if s.mlflow_url:
-    c.Spawner.environment = {"MLFLOW_TRACKING_URI": s.mlflow_url}
-    # MLflow UI and API behind the hub login at /services/mlflow/ (docs/admin/mlflow.md)
+    # MLflow is the hub service `mlflow` at /services/mlflow/: `mlflow server --app-name labyard`, whose gate
+    # authenticates every request with the hub and authorizes it per project (docs/admin/mlflow.md). Servers
+    # (and their kernels) log through it with their own API token, which may use this service. The hub never
+    # starts it (labyard up runs it beside the hub, the Helm chart as its own Deployment): it is only declared.
+    c.Spawner.environment.update({"MLFLOW_TRACKING_URI": s.mlflow_gated_uri,
+                                  "MLFLOW_TRACKING_TOKEN": lambda spawner: spawner.api_token})
     services.append({
-        "name": "mlflow", "display": True, "oauth_no_confirm": True,
-        "url": f"http://127.0.0.1:{s.mlflow_proxy_port}",
-        "command": [sys.executable, "-m", "labyard_hub.services.mlflow_proxy"],
-        "environment": {"LABYARD_MLFLOW_UPSTREAM": s.mlflow_url},
+        "name": "mlflow", "display": True, "oauth_no_confirm": True, "url": s.mlflow_url,
+        "api_token": s.secret("mlflow.api-token"),
+        "oauth_redirect_uri": "/services/mlflow/oauth_callback",
     })
-    roles.append({"name": "user", "scopes": ["self", "access:services!service=mlflow"]})
+    # the gate reads users' current projects (groups) and admin flag, nothing else
+    roles.append({"name": "mlflow", "services": ["mlflow"], "scopes": ["read:users", "list:groups", "read:groups"]})
 if s.policy_file:
     c.ProjectSpawnerMixin.policy_file = str(s.policy_file)
+c.ProjectSpawnerMixin.policy = access.policy
 
 k = s.kubernetes
 if k is None:
     c.JupyterHub.spawner_class = "labyard-local"
     c.LocalProjectSpawner.projects_dir = str(s.projects_dir)
+    c.LocalProjectSpawner.allow_gpu_flavors = s.local.allow_gpu_flavors
     c.LocalProjectSpawner.home_dir_template = str(s.homes_dir / "{username}")
+    c.LocalProjectSpawner.log_dir = str(s.data_dir / "logs" / "servers")
     c.LocalProjectSpawner.default_url = "/lab"
+    # servers, their kernels and terminals carry the platform's session mark: not tied to the hub
+    # (they outlive a hub restart and are re-attached), stopped when `labyard up` ends
+    c.Spawner.environment.update(lifecycle.session_env())
 else:
     c.JupyterHub.spawner_class = "labyard-kubernetes"
     c.JupyterHub.cleanup_servers = False  # pods outlive hub restarts; the hub re-attaches
@@ -59,39 +97,40 @@ else:
     c.ProjectKubeSpawner.storage_class = k.storage_class
     c.ProjectKubeSpawner.home_storage = k.home_storage
     c.ProjectKubeSpawner.start_timeout = k.start_timeout
-    if k.hub_connect_url:
-        c.ProjectKubeSpawner.hub_connect_url = k.hub_connect_url
     if k.kubeconfig:
         service_env["KUBECONFIG"] = str(k.kubeconfig)
-    controller_env = {**service_env, **({"KUBECONFIG": str(k.controller_kubeconfig)} if k.controller_kubeconfig else {})}
-    services.append(
-        {"name": "labyard-controller", "command": [sys.executable, "-m", "labyard_hub.cli", "controller"], "environment": controller_env}
-    )
+
+# labyard-controller: the group sync (hub groups and their properties follow LDAP projects for every
+# user, logged in or not; servers of removed members stop), and in Kubernetes mode the project
+# namespaces. Its role: manage groups, list users and their servers, stop servers; nothing else.
+controller_env = {**service_env, "PYTHONUNBUFFERED": "1"}
+if k is not None and k.controller_kubeconfig:
+    controller_env["KUBECONFIG"] = str(k.controller_kubeconfig)
+service("labyard-controller", [sys.executable, "-m", "labyard_hub.cli", "controller"], controller_env)
+roles.append({"name": "labyard-controller", "services": ["labyard-controller"],
+              "scopes": ["admin:groups", "list:users", "read:servers", "delete:servers"]})
 
 if s.cull.enabled:
-    services.append({
-        "name": "idle-culler",
-        "command": [sys.executable, "-m", "jupyterhub_idle_culler", f"--config={s.data_dir / 'culler_config.py'}",
-                    f"--timeout={s.cull.timeout}", f"--cull-every={s.cull.every}"],
-    })
+    service("idle-culler", [sys.executable, "-m", "jupyterhub_idle_culler", f"--config={s.data_dir / 'culler_config.py'}",
+                            f"--timeout={s.cull.timeout}", f"--cull-every={s.cull.every}"])
     roles.append({"name": "idle-culler", "services": ["idle-culler"],
                   "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers", "admin:server_state"]})
 
 # labyard-scheduler: runs notebooks now or on a timetable (docs/admin/scheduler.md). It reads the
 # users' uid/gid/projects from auth_state; users, and their servers' tokens, may call it.
 # Backend: Kubernetes (Jobs/CronJobs in the project namespaces) when kubernetes is set, else local.
-services.append({
-    "name": "labyard-scheduler", "oauth_no_confirm": True, "url": f"http://127.0.0.1:{s.scheduler_port}",
-    "command": [sys.executable, "-m", "labyard_hub.scheduler.app"], "environment": {**service_env, "PYTHONUNBUFFERED": "1"},
-})
-roles.append({"name": "labyard-scheduler", "services": ["labyard-scheduler"], "scopes": ["read:users", "admin:auth_state"]})
+service("labyard-scheduler", [sys.executable, "-m", "labyard_hub.scheduler.app"], {**service_env, "PYTHONUNBUFFERED": "1"},
+        oauth_no_confirm=True, url=s.scheduler_url)
+# identities are read from the hub (labyard_hub.access.HubIdentities): users, auth_state, groups;
+# tokens: a scheduled run gets a token of its owner for MLflow only (labyard_hub.scheduler.tokens)
+roles.append({"name": "labyard-scheduler", "services": ["labyard-scheduler"],
+              "scopes": ["read:users", "admin:auth_state", "list:groups", "read:groups", *(["tokens"] if s.mlflow_url else [])]})
+# users, and their servers' tokens, may use the scheduler and MLflow
+services_for_users = ["labyard-scheduler", *(["mlflow"] if s.mlflow_url else [])]
 for name, scopes in (("user", ["self"]), ("server", ["users:activity!user", "access:servers!server"])):
-    if not any(r["name"] == name for r in roles):
-        roles.append({"name": name, "scopes": scopes})
-    role = next(r for r in roles if r["name"] == name)
-    role["scopes"] = [*role["scopes"], "access:services!service=labyard-scheduler"]
+    roles.append({"name": name, "scopes": [*scopes, *(f"access:services!service={n}" for n in services_for_users)]})
 # single-user servers reach the scheduler directly (their server extension calls it for the user)
-c.Spawner.environment.update({"LABYARD_SCHEDULER_URL": f"http://127.0.0.1:{s.scheduler_port}/services/labyard-scheduler/api/"})
+c.Spawner.environment.update({"LABYARD_SCHEDULER_URL": f"{s.scheduler_url}/services/labyard-scheduler/api/"})
 
 c.JupyterHub.services = services
 c.JupyterHub.load_roles = roles

@@ -9,7 +9,7 @@ import pytest
 
 from labyard_hub.slapd import make_tls
 
-from .support.directory import start_directory
+from .support.directory import start_ad_directory, start_directory
 
 
 def _need(program: str) -> None:
@@ -37,6 +37,17 @@ def ldap_groupofnames(tmp_path_factory):
     """slapd with groupOfNames/member projects, one of them nested."""
     _need("slapd")
     slapd = start_directory(tmp_path_factory.mktemp("slapd-gon"), style="groupOfNames")
+    yield slapd
+    slapd.stop()
+
+
+@pytest.fixture(scope="session")
+def ldap_ad(tmp_path_factory, ldap_groupofnames):
+    """slapd shaped like Active Directory (tests/support/directory.py: ad_directory_ldif), answering
+    at most 1,000 entries per search, with a referral to ``ldap_groupofnames``'s projects."""
+    _need("slapd")
+    referral = f"{ldap_groupofnames.url}/ou=projects,dc=labyard,dc=test"
+    slapd = start_ad_directory(tmp_path_factory.mktemp("slapd-ad"), referral=referral)
     yield slapd
     slapd.stop()
 

@@ -66,7 +66,8 @@ def test_spawn_project_server_and_open_lab_through_proxy(stack, alice):
     lab = browser.get(f"{stack.url}/user/alice/vision/lab")
     assert lab.status_code == 200 and "JupyterLab" in lab.text
     info = browser.get(f"{stack.url}/user/alice/vision/labyard/info").json()
-    assert info == {"user": "alice", "project": "vision", "flavor": "cpu", "mlflow_url": info["mlflow_url"]}
+    assert info == {"user": "alice", "project": "vision", "project_display_name": "vision", "flavor": "cpu",
+                    "mlflow_url": info["mlflow_url"]}
     # the server works in the project's directory
     contents = browser.get(f"{stack.url}/user/alice/vision/api/contents/").json()
     assert contents["path"] == ""
@@ -134,7 +135,7 @@ def slow_ldap_stack(tmp_path_factory, ldap_posix):
 def test_hub_answers_while_ldap_hangs(slow_ldap_stack):
     stack, proxy = slow_ldap_stack
     assert stack.login("carol").login_status == 302
-    proxy.silent = True
+    proxy.silent = proxy.frozen = True  # the open connections stay open and go quiet too
     try:
         result = {}
         thread = threading.Thread(target=lambda: result.update(s=stack.login("alice")))
@@ -150,7 +151,7 @@ def test_hub_answers_while_ldap_hangs(slow_ldap_stack):
         thread.join(30)
         elapsed = time.monotonic() - start
     finally:
-        proxy.silent = False
+        proxy.silent = proxy.frozen = False
     assert result["s"].login_status == 403
     assert elapsed < 15, f"login against a hung LDAP took {elapsed:.1f}s"
     assert worst < 0.5, f"hub took {worst:.2f}s to answer while LDAP hung"

@@ -67,3 +67,23 @@ def test_project_volume():
     volume, mount = objects.make_project_volume("vision")
     assert volume.persistent_volume_claim.claim_name == "project-vision"
     assert mount.mount_path == objects.PROJECT_MOUNT == "/srv/project"
+
+
+async def test_project_network_policy_denies_both_ways_except_what_pods_need():
+    from kubernetes_asyncio.client import ApiClient
+
+    extra = {"to": [{"ipBlock": {"cidr": "10.20.0.5/32"}}], "ports": [{"port": 443}]}
+    async with ApiClient() as api:
+        policy = api.sanitize_for_serialization(objects.make_network_policy("vision", "labyard", extra_egress=[extra]))
+    spec = policy["spec"]
+    assert spec["podSelector"] == {} and spec["policyTypes"] == ["Ingress", "Egress"]
+    hub_ns = {"kubernetes.io/metadata.name": "labyard"}
+    (ingress,) = spec["ingress"]
+    assert ingress["from"][0]["namespaceSelector"]["matchLabels"] == hub_ns
+    assert ingress["from"][0]["podSelector"]["matchExpressions"][0]["values"] == ["hub", "proxy"]
+    assert ingress["from"][1] == {"podSelector": {}}  # the project's own pods, no other namespace
+    to_hub, dns, mirror = spec["egress"]
+    assert to_hub["to"][0]["podSelector"]["matchExpressions"][0]["values"] == ["hub", "scheduler", "proxy"]  # MLflow only through the proxy
+    assert to_hub["to"][1] == {"podSelector": {}} and "ports" not in to_hub
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert mirror == extra

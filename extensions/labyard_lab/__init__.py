@@ -1,7 +1,5 @@
 """Labyard's JupyterLab side: server extension, frontend (prebuilt labextension), kernel autolog."""
 
-from .handlers import setup_handlers
-
 __version__ = "0.1.0"
 
 
@@ -14,5 +12,7 @@ def _jupyter_server_extension_points():
 
 
 def _load_jupyter_server_extension(server_app):
-    setup_handlers(server_app.web_app)
+    from .handlers import setup_handlers  # here, so that the kernel side and the diff worker stay light
+
+    setup_handlers(server_app)
     server_app.log.info("labyard_lab server extension loaded")

@@ -20,6 +20,8 @@ class InfoHandler(APIHandler):
                 {
                     "user": os.environ.get("JUPYTERHUB_USER") or self.current_user.username,
                     "project": os.environ.get("LABYARD_PROJECT"),
+                    # the project's own name in the directory (LABYARD_PROJECT is its slug)
+                    "project_display_name": os.environ.get("LABYARD_PROJECT_DISPLAY_NAME") or os.environ.get("LABYARD_PROJECT"),
                     "flavor": os.environ.get("LABYARD_FLAVOR"),
                     "mlflow_url": os.environ.get("MLFLOW_TRACKING_URI"),
                 }
@@ -27,7 +29,8 @@ class InfoHandler(APIHandler):
         )
 
 
-def setup_handlers(web_app) -> None:
+def setup_handlers(server_app) -> None:
+    web_app = server_app.web_app
     base = web_app.settings["base_url"]
     web_app.add_handlers(".*$", [(url_path_join(base, "labyard", "info"), InfoHandler)])
     from .runs import runs_handlers  # MLflow runs of a notebook (issue 6)
@@ -36,3 +39,6 @@ def setup_handlers(web_app) -> None:
     from .scheduling import scheduling_handlers  # the labyard-scheduler service, on the user's behalf (issue 5)
 
     web_app.add_handlers(".*$", scheduling_handlers(base))
+    from .diff.handlers import diff_handlers  # notebook diffs, and nbdime's buttons (issue 13)
+
+    web_app.add_handlers(".*$", diff_handlers(server_app))

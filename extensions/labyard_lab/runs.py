@@ -9,10 +9,12 @@ where a run is ``{"run_id", "name", "status", "start_time", "end_time" (ms), "us
 "metrics", "tags" (labyard.* only), "url"}``, newest first. ``GET /labyard/runs/status`` answers
 the queue part alone: what the kernels of this user still have to send.
 
-The server talks to MLflow itself (the browser never does), and only ever asks for the experiment
-``<this server's project>/<notebook>``: a notebook path is relative and may not leave the project,
-and runs whose ``labyard.project`` tag names another project are dropped. So this UI cannot show
-another project's runs, whatever the browser sends.
+The server talks to MLflow itself (the browser never does), through the MLflow gate with this
+server's token (so MLflow decides, per project, on the user's current membership), and only ever
+asks for the experiment ``<this server's project>/<notebook>``: a notebook path is relative and
+may not leave the project, and runs whose ``labyard.project`` tag names another project are
+dropped. The user shown is the run's ``labyard.user``, which the gate sets from the authenticated
+user when the run is created.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from urllib.parse import urlencode
 
 import tornado
 from jupyter_server.base.handlers import APIHandler
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from .autolog.config import default_queue_dir, experiment_name
 from .autolog.sync import read_status
@@ -34,7 +36,11 @@ TIMEOUT = 10
 
 
 class MlflowUnavailable(Exception):
-    pass
+    """MLflow did not answer, or refused; ``status`` is its HTTP status when it answered."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def clean_notebook_path(path: str | None) -> str:
@@ -51,6 +57,12 @@ def mlflow_url() -> str | None:
     return os.environ.get("LABYARD_MLFLOW_URI") or os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def mlflow_token() -> str | None:
+    """The token this server calls MLflow with (the gate checks it): the spawner's
+    ``MLFLOW_TRACKING_TOKEN``, else the server's own hub token."""
+    return os.environ.get("MLFLOW_TRACKING_TOKEN") or os.environ.get("JUPYTERHUB_API_TOKEN")
+
+
 def ui_base() -> str:
     """The MLflow UI as the browser reaches it: the hub service ``/services/mlflow/``."""
     if os.environ.get("LABYARD_MLFLOW_UI_URL"):
@@ -58,27 +70,70 @@ def ui_base() -> str:
     return (os.environ.get("JUPYTERHUB_BASE_URL") or "/").rstrip("/") + "/services/mlflow/"
 
 
-async def _mlflow(method: str, path: str, *, params: dict | None = None, body: dict | None = None) -> dict | None:
-    """Call the MLflow REST API; None for 404 (RESOURCE_DOES_NOT_EXIST)."""
+async def mlflow_fetch(path: str, *, method: str = "GET", params: dict | None = None, body: dict | None = None,
+                       **kwargs) -> HTTPResponse | None:
+    """One request to the MLflow server (``path`` relative to it, e.g. ``api/2.0/mlflow/runs/get``):
+    the one place this server talks to MLflow; None for 404. ``kwargs`` go to the HTTPRequest.
+
+    Raises:
+        MlflowUnavailable: no server configured, unreachable, or an error answer.
+    """
     base = mlflow_url()
     if not base:
         raise MlflowUnavailable("no MLflow server is configured for this server (MLFLOW_TRACKING_URI)")
-    url = f"{base.rstrip('/')}/api/2.0/mlflow/{path}"
+    url = f"{base.rstrip('/')}/{path}"
     if params:
         url += "?" + urlencode(params)
+    kwargs.setdefault("request_timeout", TIMEOUT)
+    headers = {"Content-Type": "application/json"}
+    if mlflow_token():
+        headers["Authorization"] = f"Bearer {mlflow_token()}"
     req = HTTPRequest(url, method=method, body=json.dumps(body) if body is not None else None,
-                      headers={"Content-Type": "application/json"}, request_timeout=TIMEOUT, connect_timeout=TIMEOUT)
+                      headers=headers, connect_timeout=TIMEOUT, **kwargs)
     try:
-        resp = await AsyncHTTPClient().fetch(req)
+        return await AsyncHTTPClient().fetch(req)
     except HTTPClientError as e:
         if e.code == 404:
             return None
         if e.code == 599:
             raise MlflowUnavailable(f"MLflow is unreachable: {e}") from e
-        raise MlflowUnavailable(f"MLflow answered {e.code}: {e.response.body[:300] if e.response else e}") from e
+        message = e.response.body[:300].decode(errors="replace") if e.response else str(e)
+        try:
+            message = json.loads(e.response.body).get("message", message)
+        except (AttributeError, ValueError, TypeError):
+            pass
+        raise MlflowUnavailable(f"MLflow answered {e.code}: {message}", e.code) from e
     except OSError as e:
         raise MlflowUnavailable(f"MLflow is unreachable: {e}") from e
-    return json.loads(resp.body or b"{}")
+
+
+async def _mlflow(method: str, path: str, *, params: dict | None = None, body: dict | None = None) -> dict | None:
+    """Call the MLflow REST API; None for 404 (RESOURCE_DOES_NOT_EXIST)."""
+    resp = await mlflow_fetch(f"api/2.0/mlflow/{path}", method=method, params=params, body=body)
+    return None if resp is None else json.loads(resp.body or b"{}")
+
+
+async def get_run(run_id: str) -> dict | None:
+    """``runs/get``: the run (info, data), or None if there is none with that id."""
+    found = await _mlflow("GET", "runs/get", params={"run_id": run_id})
+    return found.get("run") if found else None
+
+
+async def get_experiment(experiment_id: str) -> dict | None:
+    found = await _mlflow("GET", "experiments/get", params={"experiment_id": experiment_id})
+    return found.get("experiment") if found else None
+
+
+async def list_artifacts(run_id: str, path: str = "") -> list[dict]:
+    """Files and folders of a run's artifacts under ``path`` (``{"path", "is_dir", "file_size"}``)."""
+    found = await _mlflow("GET", "artifacts/list", params={"run_id": run_id, "path": path})
+    return (found or {}).get("files", [])
+
+
+async def download_artifact(run_id: str, path: str, **kwargs) -> bytes | None:
+    """The bytes of one artifact file of a run (MLflow's ``get-artifact``), None if missing."""
+    resp = await mlflow_fetch("get-artifact", params={"run_id": run_id, "path": path}, request_timeout=120, **kwargs)
+    return None if resp is None else resp.body
 
 
 def _run_model(run: dict, experiment_id: str) -> dict:
@@ -152,4 +207,5 @@ def runs_handlers(base_url: str) -> list[tuple]:
     ]
 
 
-__all__ = ["clean_notebook_path", "notebook_runs", "runs_handlers"]
+__all__ = ["clean_notebook_path", "download_artifact", "get_experiment", "get_run", "list_artifacts", "mlflow_fetch",
+           "notebook_runs", "runs_handlers"]

@@ -1,6 +1,7 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+import { IDiffRequest, IDiffResponse, refusalMessage } from './diff-model';
 import {
   IInspectResult,
   ISchedule,
@@ -12,6 +13,8 @@ import {
 export interface IServerInfo {
   user: string;
   project: string | null;
+  /** the project's own name in the directory (project is its slug) */
+  project_display_name: string | null;
   flavor: string | null;
   mlflow_url: string | null;
 }
@@ -55,6 +58,23 @@ export class LabyardClient {
   /** Copy a run's output notebook into the project; returns its path there. */
   openRunOutput(id: string): Promise<{ path: string }> {
     return this.request('POST', `scheduler/runs/${id}/open`);
+  }
+
+  /** POST /labyard/diff; a refusal or failure throws an Error whose message says so plainly. */
+  async diff(req: IDiffRequest): Promise<IDiffResponse> {
+    const url = URLExt.join(this.settings.baseUrl, 'labyard', 'diff');
+    const response = await ServerConnection.makeRequest(url, { method: 'POST', body: JSON.stringify(req) }, this.settings);
+    const text = await response.text();
+    let data: { message?: string } | undefined;
+    try {
+      data = text ? JSON.parse(text) : undefined;
+    } catch {
+      data = undefined;
+    }
+    if (!response.ok) {
+      throw new Error(refusalMessage(response.status, data?.message));
+    }
+    return data as unknown as IDiffResponse;
   }
 
   /** A JSON request to the server extension; errors carry the server's `message`. */

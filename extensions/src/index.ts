@@ -24,7 +24,10 @@ const status: JupyterFrontEndPlugin<void> = {
       const info = await client.info();
       const project = document.createElement('span');
       project.className = 'labyard-status-project';
-      project.textContent = info.project ?? 'no project';
+      project.textContent = info.project_display_name ?? info.project ?? 'no project';
+      if (info.project && info.project !== project.textContent) {
+        project.title = info.project;
+      }
       widget.node.append('Project: ', project);
       if (info.flavor) {
         widget.node.append(` · ${info.flavor}`);

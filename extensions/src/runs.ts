@@ -3,10 +3,18 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
+import { Dialog, showDialog } from '@jupyterlab/apputils';
+import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { Widget } from '@lumino/widgets';
 
+import { LabyardClient } from './api';
+import { openDiff } from './diff';
+import { DiffSource, IDiffRequest, previousRun } from './diff-model';
 import { INotebookRuns, IRun, RunsClient } from './runs-api';
+
+/** Opens a comparison in the main area (absent: no comparison buttons). */
+export type CompareFn = (request: IDiffRequest, title: string) => void;
 
 const REFRESH_MS = 10_000;
 
@@ -71,7 +79,7 @@ export class RunsPanel extends Widget {
   private selected: string[] = [];
   private timer: number | undefined;
 
-  constructor(private client = new RunsClient()) {
+  constructor(private client = new RunsClient(), private compare: CompareFn | null = null) {
     super();
     this.id = 'labyard-runs';
     this.addClass('labyard-runs');
@@ -171,7 +179,7 @@ export class RunsPanel extends Widget {
       params: varyingKeys(runs.map(r => r.params)),
       metrics: varyingKeys(runs.map(r => r.metrics))
     };
-    const head = el('tr', {}, ['', 'Run', 'Status', 'User', 'Started', 'Duration', 'Params', 'Metrics'].map(h => el('th', { textContent: h })));
+    const head = el('tr', {}, ['', 'Run', 'Status', 'User', 'Started', 'Duration', 'Params', 'Metrics', ...(this.compare ? ['Compare'] : [])].map(h => el('th', { textContent: h })));
     const rows = runs.map(run => {
       const box = el('input', { type: 'checkbox', checked: this.selected.includes(run.run_id), title: 'Select to compare' });
       box.onchange = () => {
@@ -190,12 +198,47 @@ export class RunsPanel extends Widget {
         el('td', { textContent: formatTime(run.start_time) }),
         el('td', { textContent: formatDuration(run) }),
         el('td', { className: 'labyard-runs-params', textContent: keyParams, title: JSON.stringify(run.params, null, 1) }),
-        el('td', { className: 'labyard-runs-metrics', textContent: keyMetrics, title: JSON.stringify(run.metrics, null, 1) })
+        el('td', { className: 'labyard-runs-metrics', textContent: keyMetrics, title: JSON.stringify(run.metrics, null, 1) }),
+        ...(this.compare ? [el('td', { className: 'labyard-runs-compare-actions' }, this.compareButtons(run, runs))] : [])
       ]);
       row.dataset.runId = run.run_id;
       return row;
     });
     return el('table', { className: 'labyard-runs-table' }, [el('thead', {}, [head]), el('tbody', {}, rows)]);
+  }
+
+  private compareButtons(run: IRun, runs: IRun[]): HTMLButtonElement[] {
+    const compare = this.compare as CompareFn;
+    const source = (r: IRun): DiffSource => ({ kind: 'mlflow', run_id: r.run_id });
+    const previous = previousRun(runs.map(r => ({ id: r.run_id, time: r.start_time, run: r })), run.run_id);
+    const buttons: HTMLButtonElement[] = [];
+    if (previous) {
+      const b = el('button', { className: 'jp-Button labyard-runs-compare-previous', textContent: 'Compare with previous run' });
+      b.onclick = () => compare({ base: source(previous.run), remote: source(run) }, `${previous.run.name} vs ${run.name}`);
+      buttons.push(b);
+    }
+    const other = el('button', { className: 'jp-Button labyard-runs-compare-with', textContent: 'Compare with…' });
+    other.onclick = async () => {
+      const select = el('select', { className: 'labyard-compare-choice' });
+      select.append(el('option', { value: '', textContent: `The notebook now (${this.notebook})` }));
+      for (const r of runs.filter(r => r.run_id !== run.run_id)) {
+        select.append(el('option', { value: r.run_id, textContent: `${r.name} (${formatTime(r.start_time)})` }));
+      }
+      const body = new Widget();
+      body.node.append(el('label', { textContent: 'Compare this run with ' }, [select]));
+      const result = await showDialog({ title: `Compare ${run.name} with…`, body, buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Compare' })] });
+      if (!result.button.accept) {
+        return;
+      }
+      const chosen = runs.find(r => r.run_id === select.value);
+      if (chosen) {
+        compare({ base: source(chosen), remote: source(run) }, `${chosen.name} vs ${run.name}`);
+      } else if (this.notebook) {
+        compare({ base: source(run), remote: { kind: 'path', path: this.notebook } }, `${run.name} vs ${this.notebook}`);
+      }
+    };
+    buttons.push(other);
+    return buttons;
   }
 
   private compareTable(a: IRun, b: IRun): HTMLTableElement {
@@ -246,9 +289,11 @@ export const runsPlugin: JupyterFrontEndPlugin<void> = {
   description: 'Runs panel: the MLflow runs of the current notebook (and the autolog setting).',
   autoStart: true,
   requires: [ILabShell],
-  optional: [IStatusBar],
-  activate: (app: JupyterFrontEnd, labShell: ILabShell, statusBar: IStatusBar | null) => {
-    const panel = new RunsPanel();
+  optional: [IStatusBar, IRenderMimeRegistry],
+  activate: (app: JupyterFrontEnd, labShell: ILabShell, statusBar: IStatusBar | null, rendermime: IRenderMimeRegistry | null) => {
+    const labyard = new LabyardClient();
+    const compare: CompareFn | null = rendermime ? (request, title) => openDiff(app, labyard, rendermime, request, title) : null;
+    const panel = new RunsPanel(new RunsClient(), compare);
     app.shell.add(panel, 'right', { rank: 600 });
     const follow = () => {
       const path = notebookPath(labShell.currentWidget);

@@ -45,6 +45,8 @@ export interface ISchedule {
   timeout_seconds: number;
   retries: number;
   paused: boolean;
+  /** Who paused it, or why the scheduler did (the owner left the project, the flavour is gone). */
+  paused_reason?: string | null;
   next_run: string | null;
   run?: IScheduledRun;
 }
@@ -267,6 +269,21 @@ export function collectParameters(
 }
 
 /** Where a run's status is shown, and whether it may still change. */
+/** When a schedule runs, as the Scheduled-runs panel says it: its timetable, and why it is paused. */
+export function describeWhen(
+  s: Pick<ISchedule, 'cron' | 'timezone' | 'paused' | 'paused_reason' | 'next_run'>,
+  formatDate: (iso: string) => string = iso => new Date(iso).toLocaleString()
+): string {
+  if (!s.cron) {
+    return 'run once';
+  }
+  const timetable = describeCron(s.cron, s.timezone);
+  if (s.paused) {
+    return `${timetable} — paused${s.paused_reason ? `: ${s.paused_reason}` : ''}`;
+  }
+  return s.next_run ? `${timetable} — next ${formatDate(s.next_run)}` : timetable;
+}
+
 export function isFinished(status: RunStatus): boolean {
   return status === 'succeeded' || status === 'failed' || status === 'cancelled';
 }

@@ -10,15 +10,19 @@ import {
 } from '@jupyterlab/application';
 import { Dialog, showDialog, ToolbarButton } from '@jupyterlab/apputils';
 import { DocumentRegistry, DocumentWidget } from '@jupyterlab/docregistry';
+import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { historyIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
 import { LabyardClient } from './api';
+import { openDiff } from './diff';
+import { DiffSource, previousRun } from './diff-model';
 import {
   collectParameters,
   CRON_PRESETS,
   cronError,
   describeCron,
+  describeWhen,
   formatParameter,
   IInspectResult,
   IParameterSpec,
@@ -147,6 +151,10 @@ export class ScheduleForm extends Widget implements Dialog.IBodyWidget<ISchedule
   }
 }
 
+function shortTime(r: IScheduledRun): string {
+  return new Date(r.created).toLocaleString();
+}
+
 async function error(title: string, e: unknown): Promise<void> {
   await showDialog({ title, body: String((e as Error).message ?? e), buttons: [Dialog.okButton()] });
 }
@@ -179,7 +187,7 @@ export async function scheduleNotebook(client: LabyardClient, path: string): Pro
 export class ScheduledRunsPanel extends Widget {
   private timer: number | undefined;
 
-  constructor(private client: LabyardClient, private app: JupyterFrontEnd) {
+  constructor(private client: LabyardClient, private app: JupyterFrontEnd, private rendermime: IRenderMimeRegistry | null = null) {
     super();
     this.id = 'labyard-scheduled-runs';
     this.addClass('labyard-scheduled-runs');
@@ -227,14 +235,12 @@ export class ScheduledRunsPanel extends Widget {
   }
 
   private renderSchedule(s: ISchedule, runs: IScheduledRun[]): HTMLElement {
-    const when = s.cron
-      ? `${describeCron(s.cron, s.timezone)}${s.paused ? ' — paused' : s.next_run ? ` — next ${new Date(s.next_run).toLocaleString()}` : ''}`
-      : 'run once';
+    const when = describeWhen(s);
     const box = el(
       'div',
       { class: 'labyard-schedule', 'data-schedule': s.id },
       el('div', { class: 'labyard-schedule-title' }, `${s.name} · ${s.project} · ${s.flavor}`),
-      el('div', { class: 'labyard-schedule-when' }, when),
+      el('div', { class: `labyard-schedule-when${s.paused ? ' labyard-schedule-paused' : ''}` }, when),
       el(
         'div',
         { class: 'labyard-schedule-actions' },
@@ -267,6 +273,23 @@ export class ScheduledRunsPanel extends Widget {
             await this.app.commands.execute('docmanager:open', { path });
           })
         );
+        if (this.rendermime) {
+          const finished = runs.filter(x => isFinished(x.status)).map(x => ({ id: x.id, time: Date.parse(x.created) || null, run: x }));
+          const previous = previousRun(finished, r.id);
+          if (previous) {
+            item.append(
+              this.button('Compare with previous run', 'labyard-run-compare-previous', async () =>
+                this.compare({ kind: 'scheduled', run_id: previous.id }, { kind: 'scheduled', run_id: r.id }, `${s.name}: previous run vs ${shortTime(r)}`)
+              )
+            );
+          }
+          item.append(
+            this.button('Compare with…', 'labyard-run-compare', () => this.compareWith(s, r, finished.map(x => x.run))),
+            this.button('Compare output with input', 'labyard-run-compare-input', async () =>
+              this.compare({ kind: 'scheduled', run_id: r.id, notebook: 'input' }, { kind: 'scheduled', run_id: r.id }, `${s.name}: input vs output`)
+            )
+          );
+        }
       } else {
         item.append(this.button('Cancel', 'labyard-run-cancel', () => this.client.cancelRun(r.id)));
       }
@@ -274,6 +297,31 @@ export class ScheduledRunsPanel extends Widget {
     }
     box.append(table);
     return box;
+  }
+
+  private async compare(base: DiffSource, remote: DiffSource, title: string): Promise<void> {
+    openDiff(this.app, this.client, this.rendermime as IRenderMimeRegistry, { base, remote }, title);
+  }
+
+  /** Pick another run of the schedule, or the notebook as it is now, to compare `r` with. */
+  private async compareWith(s: ISchedule, r: IScheduledRun, finished: IScheduledRun[]): Promise<void> {
+    const select = el('select', { class: 'labyard-compare-choice' });
+    select.append(el('option', { value: 'notebook' }, `The notebook now (${s.notebook})`));
+    for (const other of finished.filter(x => x.id !== r.id)) {
+      select.append(el('option', { value: other.id }, `Run of ${shortTime(other)} (${Object.entries(other.parameters).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(', ') || 'defaults'})`));
+    }
+    const body = new Widget();
+    body.node.append(el('label', {}, 'Compare this run with ', select));
+    const result = await showDialog({ title: `Compare the run of ${shortTime(r)} with…`, body, buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Compare' })] });
+    if (!result.button.accept) {
+      return;
+    }
+    const here: DiffSource = { kind: 'scheduled', run_id: r.id };
+    if (select.value === 'notebook') {
+      await this.compare(here, { kind: 'path', path: s.notebook }, `${s.name}: run vs notebook`);
+    } else {
+      await this.compare({ kind: 'scheduled', run_id: select.value }, here, `${s.name}: run vs run`);
+    }
   }
 
   private async rerun(s: ISchedule): Promise<void> {
@@ -330,10 +378,10 @@ export const schedulePlugin: JupyterFrontEndPlugin<void> = {
   id: 'labyard-lab:schedule',
   description: 'Schedule button in notebooks and the Scheduled runs panel.',
   autoStart: true,
-  optional: [ILabShell],
-  activate: (app: JupyterFrontEnd) => {
+  optional: [ILabShell, IRenderMimeRegistry],
+  activate: (app: JupyterFrontEnd, _labShell: unknown, rendermime: IRenderMimeRegistry | null) => {
     const client = new LabyardClient();
-    const panel = new ScheduledRunsPanel(client, app);
+    const panel = new ScheduledRunsPanel(client, app, rendermime);
     app.shell.add(panel, 'right', { rank: 700 });
     app.docRegistry.addWidgetExtension('Notebook', new ScheduleButtonExtension(client, panel, app));
   }

@@ -3,24 +3,51 @@
 Who a user is (:class:`Identity`: uid, gid, home, the projects they belong to) comes from LDAP
 through :class:`labyard_hub.ldap.LDAPAuthenticator` and is stored in the hub's auth_state.
 What a project may use (:class:`ProjectPolicy`: compute flavours, quotas, image, storage) is
-admin configuration. The local spawner, the Kubernetes spawner, the scheduler service and the
-project controller all decide through :func:`authorize`, so a notebook server, a scheduled run
-and a namespace quota can never disagree about who may use what.
+admin configuration. Who may do what with them is decided in one place, :mod:`labyard_hub.access`.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
+from jupyterhub.slugs import is_valid_safe_slug, safe_slug
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: A project name must be usable as a JupyterHub server name, a directory name and, prefixed
-#: with ``labyard-``, a Kubernetes namespace (DNS-1123 label, at most 63 characters).
-PROJECT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+#: A project name (its slug) is a JupyterHub server name (JupyterHub 6 accepts only "safe
+#: slugs": a lower-case letter, then letters, digits and single hyphens, at most 30 characters),
+#: a directory name and, prefixed with ``labyard-``, a Kubernetes namespace (a DNS-1123 label).
+PROJECT_NAME_RE = re.compile(r"^(?=.{1,30}$)[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+#: the longest project name (the hub, the scheduler and Ansible's projects.yml all allow this)
+PROJECT_NAME_MAX = 30
+#: PROJECT_NAME_RE without its length, for pydantic and JSON schemas (which take no look-ahead)
+PROJECT_NAME_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 
+ProjectName = Annotated[str, Field(pattern=PROJECT_NAME_PATTERN, max_length=PROJECT_NAME_MAX,
+                                   description="a project name: a lower-case letter, then lower-case letters, "
+                                               "digits and single '-', at most 30 characters")]
+
+
+def ascii_fold(text: str) -> str:
+    """Lower-case ASCII letters and digits of ``text``, every other run of characters one ``-``."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return re.sub(r"[^a-z0-9]+", "-", folded).strip("-")
+
+
+def project_slug(name: str) -> str:
+    """The project name (slug) of a directory group called ``name``: stable, valid, collision-free.
+
+    JupyterHub's own ``safe_slug``: a name that is already a valid project name is its own slug
+    (``vision``, ``ml-team``); any other (capitals, spaces, ``_``, non-ASCII, over 30
+    characters) becomes its ASCII fold, ``-`` and 8 hex digits of the SHA-256 of the name:
+    ``"Data Science"`` -> ``data-science-f25168f3``, ``"机器学习"`` -> ``x-e0ab0981``. Two different
+    names get the same slug only if a digest collides or a group is named exactly like another
+    group's slug; :func:`refuse_collisions` refuses such groups.
+    """
+    return safe_slug(name, is_valid=is_valid_safe_slug)
 Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")]
 
 
@@ -29,11 +56,40 @@ class _Model(BaseModel):
 
 
 class Project(_Model):
-    """A project: an LDAP group the user belongs to."""
+    """A project: an LDAP group. ``name`` is its slug (server, directory and namespace names);
+    ``display_name`` is the group's own name, shown to people."""
 
     name: str
     gid: int | None = Field(None, description="gidNumber of the group (None for groupOfNames without one)")
     description: str = ""
+    display_name: str = Field("", description="the group's name in the directory (empty: the same as name)")
+
+    @property
+    def label(self) -> str:
+        return self.display_name or self.name
+
+    def group_properties(self) -> dict[str, Any]:
+        """The JupyterHub group properties that carry this project to every service."""
+        return {"gid": self.gid, "display_name": self.label, "description": self.description}
+
+
+def refuse_collisions(projects: list[tuple[str, Project]], log) -> dict[str, Project]:
+    """Projects by group DN, without any two groups that share a slug (both refused, logged).
+
+    Args:
+        projects: (DN, project) of every group that is a project.
+    """
+    by_slug: dict[str, list[tuple[str, Project]]] = {}
+    for dn, project in projects:
+        by_slug.setdefault(project.name, []).append((dn, project))
+    kept = {}
+    for slug, groups in by_slug.items():
+        if len(groups) > 1:
+            log.error("LDAP groups %s all map to project name %r: none of them is a project until all but one are renamed",
+                      "; ".join(repr(dn) for dn, _ in groups), slug)
+            continue
+        kept[groups[0][0]] = groups[0][1]
+    return kept
 
 
 class Identity(_Model):
@@ -123,7 +179,7 @@ class ProjectPolicy(_Model):
 
     flavors: dict[str, Flavor] = {}
     defaults: ProjectSettings = ProjectSettings()
-    projects: dict[str, ProjectSettings] = {}
+    projects: dict[str, ProjectSettings] = Field({}, description="per project, by its project name or its group's name in the directory")
 
     @model_validator(mode="before")
     @classmethod
@@ -150,20 +206,45 @@ class ProjectPolicy(_Model):
     @field_validator("projects")
     @classmethod
     def _project_names(cls, projects: dict[str, ProjectSettings]) -> dict[str, ProjectSettings]:
-        for name in projects:
-            if not PROJECT_NAME_RE.match(name):
-                raise ValueError(f"project name {name!r} is not a valid project name ({PROJECT_NAME_RE.pattern})")
-        return projects
+        # projects may be named by their project name (the slug shown to users, its own slug)
+        # or by their group's name in the directory ("Data Science"): both mean the same project
+        slugs: dict[str, ProjectSettings] = {}
+        for name, settings in projects.items():
+            slug = project_slug(name)
+            if slug in slugs:
+                raise ValueError(f"project {name!r} is listed twice (as its group name and as its project name {slug!r})")
+            slugs[slug] = settings
+        return slugs
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ProjectPolicy:
-        """Load a policy file; raises ``PolicyError`` naming the file and the problem."""
+        """Load a policy file.
+
+        Raises:
+            PolicyError: the file is unreadable, not YAML or not a valid policy; the message
+                names the file and each wrong field (``flavors.gpu-1.gpus: ...``).
+        """
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-            return cls.model_validate(data)
-        except (OSError, yaml.YAMLError, ValidationError) as e:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise PolicyError(f"project policy {path}: {e}") from e
+        try:
+            return cls.model_validate({} if data is None else data)
+        except ValidationError as e:
+            raise PolicyError(f"project policy {path}: {validation_message(e)}") from e
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The policy file's JSON schema (Ansible validates projects.yml against it; committed as
+        ``ansible/collections/ansible_collections/labyard/cluster/schemas/project-policy.schema.json``, kept current by a test)."""
+        schema = cls.model_json_schema()
+        # the hub also takes a directory group's own name as a key ("Data Science"); the groups
+        # Ansible creates are named by their project names, so the schema asks for those
+        schema["properties"]["projects"]["propertyNames"] = {"pattern": PROJECT_NAME_PATTERN, "maxLength": PROJECT_NAME_MAX}
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["title"] = "Labyard project policy"
+        return schema
 
     def settings(self, project: str) -> ProjectSettings:
         """The effective settings of a project: its own, falling back field by field to defaults."""
@@ -178,41 +259,14 @@ class ProjectPolicy(_Model):
 
 
 class PolicyError(Exception):
-    pass
+    """An invalid project policy file (the message names the file and the field)."""
 
 
-class AccessError(Exception):
-    """A request the user may not make. ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def authorize(
-    identity: Identity, policy: ProjectPolicy, project: str, flavor: str | None = None, available: list[Flavor] | None = None
-) -> tuple[Project, Flavor | None]:
-    """Decide whether ``identity`` may use ``flavor`` in ``project``.
-
-    Args:
-        available: narrow the project's flavours further to these (e.g. no GPUs in local mode).
-
-    Returns:
-        the project and the flavour (None when no flavour was asked for).
-    Raises:
-        AccessError: 403 if the user is not a member of the project; 400 if the flavour is
-            unknown or not allowed in the project.
-    """
-    proj = identity.project(project)
-    if proj is None:
-        raise AccessError(403, f"{identity.username} is not a member of project {project!r}")
-    if flavor is None:
-        return proj, None
-    allowed = {f.name: f for f in policy.allowed_flavors(project)}
-    if available is not None:
-        allowed = {n: f for n, f in allowed.items() if n in {a.name for a in available}}
-    if flavor not in allowed:
-        known = "unknown flavor" if flavor not in policy.flavors else "flavor not available to this project"
-        raise AccessError(400, f"{known} {flavor!r} for project {project!r}; choose one of: {', '.join(allowed) or 'none'}")
-    return proj, allowed[flavor]
+def validation_message(e: ValidationError) -> str:
+    """A pydantic error as one line per problem: ``where.in.the.data: what is wrong``."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)

@@ -12,18 +12,22 @@ import sys
 
 from traitlets import HasTraits
 
+from labyard_lab.diff.handlers import LabyardDiff
+
+from .directory import Directory
 from .kube.spawner import ProjectKubeSpawner
 from .ldap import LDAPAuthenticator
+from .mlflow_gate.app import GateConfig
 from .spawners import LocalProjectSpawner
 
-CLASSES: list[type[HasTraits]] = [LDAPAuthenticator, LocalProjectSpawner, ProjectKubeSpawner]
+CLASSES: list[type[HasTraits]] = [Directory, LDAPAuthenticator, LocalProjectSpawner, ProjectKubeSpawner, GateConfig, LabyardDiff]
 
 
 def _own_traits(cls: type[HasTraits]) -> dict:
     """Config traits declared by Labyard classes (not inherited from JupyterHub)."""
     mine = {}
     for klass in cls.__mro__:
-        if not klass.__module__.startswith("labyard_hub"):
+        if not klass.__module__.startswith(("labyard_hub", "labyard_lab")):
             continue
         for name, trait in klass.class_own_traits(config=True).items():
             mine.setdefault(name, trait)
@@ -36,7 +40,8 @@ def render() -> str:
         "",
         "Generated from the code by `python -m labyard_hub.reference`; do not edit by hand.",
         "Set these in `jupyterhub_config.py` (`c.<Class>.<name> = ...`), in the `ldap:` section of a",
-        "`labyard up --config` file (LDAPAuthenticator), or through the Helm values.",
+        "`labyard up --config` file (Directory and LDAPAuthenticator), or through the Helm values; `LabyardDiff`",
+        "in the single-user server's config (`jupyter_server_config.py`, docs/admin/diff.md).",
         "",
     ]
     for cls in CLASSES:

@@ -7,14 +7,18 @@ what ``labyard up`` fills in (ports, paths, secrets). See docs/admin/configurati
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SETTINGS_ENV = "LABYARD_SETTINGS"
+log = logging.getLogger("labyard.settings")
+#: where the hub's proxy routes the hub service `mlflow` (the gate serves MLflow under it)
+MLFLOW_PREFIX = "/services/mlflow/"
 
 
 class KubernetesSettings(BaseModel):
@@ -24,7 +28,6 @@ class KubernetesSettings(BaseModel):
 
     kubeconfig: Path | None = Field(None, description="kubeconfig of the cluster; None: in-cluster service account.")
     hub_namespace: str = Field("labyard", description="Namespace of the hub and proxy (network policies let them in).")
-    hub_connect_url: str | None = Field(None, description="How pods reach the hub API, e.g. http://hub.labyard:8081.")
     controller_kubeconfig: Path | None = Field(None, description="kubeconfig of the project controller; None: the same as kubeconfig.")
     hub_service_account: str = Field("hub", description="Service account of the hub (granted labyard-hub-project in each project namespace).")
     scheduler_service_account: str = Field("scheduler", description="Service account of the scheduler (granted labyard-scheduler-project).")
@@ -37,6 +40,36 @@ class KubernetesSettings(BaseModel):
     start_timeout: int = Field(300, description="Seconds a server may take to start (scheduling, image pull, start).")
     controller_interval: int = Field(60, description="Seconds between two passes of the project controller.")
     delete_orphaned_namespaces: bool = Field(False, description="Delete the namespace of a project gone from LDAP (data lost!).")
+    project_egress: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra egress rules (Kubernetes NetworkPolicy egress rules) for the pods of every project namespace, "
+        "e.g. a package mirror; DNS, the hub, the scheduler, MLflow and the project's own pods are always allowed.",
+    )
+
+
+class LocalSettings(BaseModel):
+    """Local mode (no ``kubernetes:``): servers and runs are processes on this machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_gpu_flavors: bool = Field(
+        False, description="Offer flavours with GPUs to local servers and runs (local processes get no GPU isolation).")
+
+
+class SchedulerSettings(BaseModel):
+    """Limits and timings of the labyard-scheduler service (docs/admin/scheduler.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body the API accepts (a notebook with its outputs); larger: 413.")
+    snapshot_ttl: int = Field(
+        900, ge=60, description="Seconds a notebook snapshot that no schedule uses (POST inspect) is kept before it is deleted.")
+    snapshots_per_user: int = Field(
+        20, ge=1, description="Snapshots no schedule uses that one user may have at a time; the oldest go first.")
+    reconcile_interval: int = Field(
+        10, ge=1, description="Seconds between two checks of every active cron schedule against its owner's current "
+                              "membership and the policy (a schedule that fails one is paused with the reason).")
 
 
 class CullSettings(BaseModel):
@@ -49,27 +82,106 @@ class CullSettings(BaseModel):
 
 
 class Settings(BaseModel):
+    """One installation. Every address a component is reached at comes from here: ``labyard up``
+    fills in loopback ports, the Helm chart the Services' DNS names."""
+
     model_config = ConfigDict(extra="forbid")
 
     data_dir: Path = Field(description="Where the hub database, logs, secrets and (local mode) project directories live.")
     bind_url: str = Field("http://127.0.0.1:8000", description="Public address of the proxy.")
+    hub_ip: str = Field("127.0.0.1", description="Address the hub listens on; 0.0.0.0 in a pod, where the proxy and the servers reach it through its Service.")
     hub_port: int = 8081
+    hub_connect_url: str | None = Field(
+        None,
+        description="How the proxy, the services and the servers reach the hub, e.g. http://hub.labyard.svc:8081 "
+        "(None: http://127.0.0.1:<hub_port>). Replaces kubernetes.hub_connect_url.",
+    )
+    db_url: str | None = Field(
+        None, description="The hub database (None: sqlite in <data_dir>/hub), e.g. postgresql://hub@db.example.org/jupyterhub."
+    )
+    secrets_dir: Path | None = Field(
+        None,
+        description="Directory holding the installation's secrets, one file each: proxy-token, cookie-secret, and "
+        "<service>.api-token for external services (None: <data_dir>/secrets; labyard up writes them there).",
+    )
     proxy_api_port: int = 8001
-    scheduler_port: int = Field(8082, description="Port of the labyard-scheduler hub service (on 127.0.0.1).")
-    mlflow_url: str | None = Field(None, description="Internal URL of the MLflow tracking server.")
-    mlflow_proxy_port: int = Field(8090, description="Loopback port of the hub service that serves MLflow at /services/mlflow/.")
+    proxy_api_url: str | None = Field(None, description="The proxy's REST API as the hub reaches it (None: http://127.0.0.1:<proxy_api_port>).")
+    scheduler_port: int = Field(8082, description="Port of the labyard-scheduler hub service when the hub starts it (on 127.0.0.1).")
+    scheduler_url: str | None = Field(
+        None,
+        description="The labyard-scheduler service as the hub, the proxy and the servers reach it, e.g. "
+        "http://scheduler.labyard.svc:8082 (None: http://127.0.0.1:<scheduler_port>).",
+    )
+    mlflow_url: str | None = Field(None, description=(
+        "Where the MLflow server (`mlflow server --app-name labyard`, the gate in front of every request) listens, "
+        "as the hub's proxy reaches it, e.g. http://mlflow.labyard.svc:5000; the proxy routes /services/mlflow/ to it. "
+        "Its hub API token is <secrets_dir>/mlflow.api-token."))
+    mlflow_tracking_uri: str | None = Field(None, description=(
+        "MLFLOW_TRACKING_URI of user servers and scheduled runs; default: mlflow_url + /services/mlflow "
+        "(it must end in the service prefix: the gate serves MLflow there only)."))
+    external_services: bool = Field(
+        False,
+        description="False: the hub starts the scheduler, the project controller and the idle culler itself "
+        "(labyard up; MLflow is always its own process). True: they run on their own (the Helm chart's Deployments) and "
+        "the hub only declares the ones it routes to or that call its API, with their API tokens from "
+        "<secrets_dir>/<name>.api-token.",
+    )
     policy_file: Path | None = Field(None, description="Project policy YAML (flavours, quotas, images).")
     ldap: dict[str, Any] = Field(
         default_factory=dict,
-        description="LDAPAuthenticator settings by trait name, e.g. server_urls, lookup_bind_dn, user_search_base.",
+        description="Directory and LDAPAuthenticator settings by trait name, e.g. server_urls, lookup_bind_dn, "
+                    "user_search_base, failed_login_limit (docs/admin/reference.md).",
+    )
+    group_sync_interval: int = Field(
+        30, ge=1,
+        description="Seconds between two passes of the group sync: hub groups follow LDAP projects for every hub user, "
+                    "logged in or not, and servers of removed members are stopped (docs/admin/projects.md).",
     )
     admin_users: list[str] = []
     kubernetes: KubernetesSettings | None = None
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     cull: CullSettings = Field(default_factory=CullSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """``kubernetes.hub_connect_url`` became ``hub_connect_url`` (it is not about pods only)."""
+        if isinstance(data, dict) and isinstance(data.get("kubernetes"), dict) and "hub_connect_url" in data["kubernetes"]:
+            data = {**data, "kubernetes": dict(data["kubernetes"])}
+            old = data["kubernetes"].pop("hub_connect_url")
+            log.warning("settings: kubernetes.hub_connect_url is now hub_connect_url (top level); using it from there")
+            data.setdefault("hub_connect_url", old)
+        return data
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        """Addresses left out are the loopback ones of a single machine."""
+        self.hub_connect_url = self.hub_connect_url or f"http://127.0.0.1:{self.hub_port}"
+        self.proxy_api_url = self.proxy_api_url or f"http://127.0.0.1:{self.proxy_api_port}"
+        self.scheduler_url = self.scheduler_url or f"http://127.0.0.1:{self.scheduler_port}"
+        self.secrets_dir = self.secrets_dir or self.data_dir / "secrets"
+        self.db_url = self.db_url or f"sqlite:///{self.hub_dir / 'jupyterhub.sqlite'}"
+        return self
+
+    def secret(self, name: str) -> str:
+        """The secret ``<secrets_dir>/<name>``, stripped; ValueError naming the file if it is missing."""
+        path = self.secrets_dir / name
+        try:
+            return path.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"Labyard secret {name!r} is missing: {path} ({e.strerror})") from e
 
     @property
     def proxy_token_file(self) -> Path:
-        return self.data_dir / "secrets" / "proxy-token"
+        return self.secrets_dir / "proxy-token"
+
+    @property
+    def mlflow_gated_uri(self) -> str | None:
+        """The tracking URI of servers and runs: the gate, under /services/mlflow."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri.rstrip("/")
+        return f"{self.mlflow_url.rstrip('/')}{MLFLOW_PREFIX.rstrip('/')}" if self.mlflow_url else None
 
     @property
     def projects_dir(self) -> Path:
@@ -78,6 +190,11 @@ class Settings(BaseModel):
     @property
     def homes_dir(self) -> Path:
         return self.data_dir / "homes"
+
+    @property
+    def run_files_dir(self) -> Path:
+        """Each local scheduled run's notebooks (input, parameters, output), its owner's alone."""
+        return self.data_dir / "run-files"
 
     @property
     def hub_dir(self) -> Path:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,13 +24,17 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 240) -> MlflowServer:
+    def start(self, timeout: float = 600) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
             [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts")],
+            # as `labyard up` runs it: without MLflow's job runner, seven more processes that import
+            # MLflow at every start and write to the same sqlite file (on a loaded machine they
+            # held the server's writes for minutes after each restart)
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -56,12 +61,12 @@ class MlflowServer:
 
     # REST helpers (the real API, as a user or the Runs panel would see it)
     def api(self, method: str, path: str, **kw) -> dict:
-        r = requests.request(method, f"{self.url}/api/2.0/mlflow/{path}", timeout=10, **kw)
+        r = requests.request(method, f"{self.url}/api/2.0/mlflow/{path}", timeout=120, **kw)
         r.raise_for_status()
         return r.json()
 
     def experiment(self, name: str) -> dict | None:
-        r = requests.get(f"{self.url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}, timeout=10)
+        r = requests.get(f"{self.url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}, timeout=120)
         return r.json()["experiment"] if r.status_code == 200 else None
 
     def runs(self, experiment_id: str) -> list[dict]:
@@ -116,7 +121,7 @@ class Kernel:
         self.km.start_kernel(env=env, cwd=str(cwd))
         self.kc = self.km.client()
         self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        self.kc.wait_for_ready(timeout=300)
 
     def run(self, code: str, timeout: float = 120) -> dict:
         """Execute a cell; return its outputs by kind and the wall time."""
@@ -147,3 +152,122 @@ class Kernel:
     def shutdown(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=False)
+
+
+class Gate:
+    """A real HTTP proxy on loopback in front of an ``mlflow server``, a stand-in for the
+    platform's authorizing gate. It answers 401 unless the request carries
+    ``Authorization: Bearer <token>`` (what the MLflow client sends from
+    ``MLFLOW_TRACKING_TOKEN``) with the token currently valid, to show that a queue waits out an
+    expired token. With ``token=None`` every request passes.
+
+    ``unanswered_batches_over = N``: a ``log-batch`` of more than N entities is passed to the
+    server, which stores it, and the connection is then closed without an answer: what the
+    client sees of a server too busy to answer within its timeout (``unanswered`` counts them)."""
+
+    def __init__(self, upstream: str, token: str | None = "valid-1"):
+        import http.server
+        import json
+        import threading
+
+        gate = self
+        self.upstream = upstream
+        self.token = token
+        self.refused = 0
+        self.unanswered_batches_over: int | None = None
+        self.unanswered = 0
+        self.batches: list[int] = []  # entities of every log-batch that reached the gate
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if gate.token is not None and self.headers.get("Authorization") != f"Bearer {gate.token}":
+                    gate.refused += 1
+                    data = b'{"error_code": "UNAUTHENTICATED", "message": "token expired"}'
+                    self.send_response(401)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                r = requests.request(self.command, gate.upstream + self.path, data=body or None, timeout=60,
+                                     headers={k: v for k, v in self.headers.items() if k.lower() in ("content-type",)})
+                if self.path.endswith("/runs/log-batch"):
+                    sent = json.loads(body)
+                    gate.batches.append(sum(len(sent.get(k, [])) for k in ("metrics", "params", "tags")))
+                    if gate.unanswered_batches_over is not None and gate.batches[-1] > gate.unanswered_batches_over:
+                        gate.unanswered += 1
+                        self.close_connection = True  # stored upstream; the client never hears of it
+                        return
+                self.send_response(r.status_code)
+                self.send_header("Content-Type", r.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class PeakRss:
+    """Peak resident memory of a process while the block runs (sampled every 20 ms)."""
+
+    def __init__(self, proc):
+        self.proc, self.peak = proc, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.base = self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def serving_process(server_pid: int):
+    """The process that serves HTTP for ``mlflow server`` (pid): the uvicorn it runs (one worker)."""
+    import psutil
+
+    kids = [p for p in psutil.Process(server_pid).children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
+    if not kids:
+        raise RuntimeError(f"no uvicorn under mlflow server {server_pid}")
+    return kids[0]
+
+
+def gate_server_pid(data_dir: Path) -> int:
+    """The ``mlflow server --app-name labyard`` of the ``labyard up`` with this data dir."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "--app-name" in cmd and str(data_dir) in " ".join(cmd):
+            return p.pid
+    raise RuntimeError(f"no mlflow server --app-name labyard for {data_dir}")
+
+
+def stream(size_mb: int, block: bytes):
+    """``size_mb`` MiB of ``block`` (1 MiB), as a request body that is never held in memory."""
+    for _ in range(size_mb):
+        yield block

@@ -37,13 +37,13 @@ def test_sklearn_fit_creates_run_with_provenance(mlflow_server, workspace):
         out = k.run(f"import os; os.chdir({str(workspace['project'])!r})\n" + FIT)
         assert out["status"] == "ok" and out["stdout"].strip() == "fitted", out
         assert "Traceback" not in out["stderr"] and "rror" not in out["stderr"] and out["error"] is None, out
-        exp = wait_for(lambda: mlflow_server.experiment("vision/analysis/fit.ipynb"), 60, what="experiment on the server")
+        exp = wait_for(lambda: mlflow_server.experiment("vision/analysis/fit.ipynb"), 300, what="experiment on the server")
 
         def finished_run():
             runs = mlflow_server.runs(exp["experiment_id"])
             return runs and runs[0]["info"]["status"] == "FINISHED" and len(mlflow_server.artifacts(runs[0]["info"]["run_id"])) >= 3 and runs[0]
 
-        run = wait_for(finished_run, 60, what="finished run with artifacts")
+        run = wait_for(finished_run, 300, what="finished run with artifacts")
         tags = tags_of(run)
         assert tags["labyard.user"] == "alice"
         assert tags["labyard.project"] == "vision"
@@ -57,7 +57,7 @@ def test_sklearn_fit_creates_run_with_provenance(mlflow_server, workspace):
         arts = mlflow_server.artifacts(run["info"]["run_id"])
         assert "notebook/fit.ipynb" in arts and "environment/requirements.txt" in arts and "inputs.json" in arts, arts
         assert "labyard.inputs_sha256" in tags_of(wait_for(lambda: [r for r in mlflow_server.runs(exp["experiment_id"])
-                                                                   if "labyard.inputs_sha256" in tags_of(r)], 30)[0])
+                                                                   if "labyard.inputs_sha256" in tags_of(r)], 120)[0])
         # what autolog's threads print (MLflow's "View run ... at") never reaches a cell
         out = k.run("import threading\nt = threading.Thread(target=print, args=('from autolog',), name='labyard-autolog-x')\n"
                     "t.start(); t.join(); print('from the cell')")
@@ -80,9 +80,9 @@ def test_server_down_then_back_every_metric_arrives_once(mlflow_server, workspac
     k = start_kernel(workspace, mlflow_server, nb)
     try:
         assert k.run("import mlflow\nfor i in range(50): mlflow.log_metric('loss', 1.0 / (i + 1), step=i)")["status"] == "ok"
-        exp = wait_for(lambda: mlflow_server.experiment("vision/loop.ipynb"), 60, what="experiment")
-        run_id = wait_for(lambda: (r := mlflow_server.runs(exp["experiment_id"])) and r[0]["info"]["run_id"], 30)
-        wait_for(lambda: len(mlflow_server.metric_history(run_id, "loss")) == 50, 30, what="first 50 points")
+        exp = wait_for(lambda: mlflow_server.experiment("vision/loop.ipynb"), 300, what="experiment")
+        run_id = wait_for(lambda: (r := mlflow_server.runs(exp["experiment_id"])) and r[0]["info"]["run_id"], 120)
+        wait_for(lambda: len(mlflow_server.metric_history(run_id, "loss")) == 50, 120, what="first 50 points")
 
         mlflow_server.stop()
         slowest = 0.0
@@ -103,7 +103,7 @@ def test_server_down_then_back_every_metric_arrives_once(mlflow_server, workspac
             run = mlflow_server.api("GET", "runs/get", params={"run_id": run_id})["run"]
             return run["info"]["status"] == "FINISHED" and len(mlflow_server.metric_history(run_id, "loss")) >= 150
 
-        wait_for(all_arrived, 90, what="replay after restart")
+        wait_for(all_arrived, 300, what="replay after restart")
         time.sleep(3)  # more passes must not send anything twice
         history = mlflow_server.metric_history(run_id, "loss")
         assert sorted(m["step"] for m in history) == list(range(150))
@@ -129,13 +129,13 @@ def test_queue_left_by_a_dead_kernel_is_replayed_by_the_next(mlflow_server, work
     write_notebook(other, [])
     k2 = start_kernel(workspace, mlflow_server, other)
     try:
-        exp = wait_for(lambda: mlflow_server.experiment("vision/replay.ipynb"), 60, what="replayed experiment")
-        run = wait_for(lambda: (r := mlflow_server.runs(exp["experiment_id"])) and r[0]["info"]["status"] == "FINISHED" and r[0], 60)
+        exp = wait_for(lambda: mlflow_server.experiment("vision/replay.ipynb"), 300, what="replayed experiment")
+        run = wait_for(lambda: (r := mlflow_server.runs(exp["experiment_id"])) and r[0]["info"]["status"] == "FINISHED" and r[0], 300)
         assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"lr": "0.1"}
         assert len(mlflow_server.metric_history(run["info"]["run_id"], "acc")) == 10
         # the replayed store is removed once everything arrived
         stores = workspace["home"] / ".labyard" / "mlflow-queue" / "stores"
-        wait_for(lambda: len(list(stores.iterdir())) == 1, 30, what="replayed store removed")
+        wait_for(lambda: len(list(stores.iterdir())) == 1, 120, what="replayed store removed")
     finally:
         k2.shutdown()
 

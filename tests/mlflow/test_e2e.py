@@ -73,7 +73,7 @@ def test_alice_fit_shows_in_runs_panel_and_mlflow(stack, browser):
     assert r.status_code == 201, r.text
 
     # MLflow behind the hub: no login, no access
-    assert requests.get(f"{stack.url}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1", timeout=30).status_code == 403
+    assert requests.get(f"{stack.url}/services/mlflow/api/2.0/mlflow/experiments/search?max_results=1", timeout=30).status_code == 401
 
     context = browser.new_context()
     page = context.new_page()

@@ -1,4 +1,4 @@
-"""Fast checks of the pure parts: switches, paths, fingerprints, the isolation decision."""
+"""Fast checks of the pure parts: switches, paths, fingerprints."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from labyard_hub.services.mlflow_proxy import allowed, project_of_experiment
 from labyard_lab.autolog import config as cfg
 from labyard_lab.autolog.provenance import InputTracker, fingerprint_file, pip_freeze
 from labyard_lab.runs import clean_notebook_path
@@ -26,15 +25,6 @@ def test_notebook_paths_are_normalised(path, expected):
 def test_notebook_paths_may_not_leave_the_project(path):
     with pytest.raises(ValueError):
         clean_notebook_path(path)
-
-
-def test_isolation_decision():
-    assert project_of_experiment("vision/a/b.ipynb") == "vision"
-    assert project_of_experiment("Default") is None and project_of_experiment("/x") is None
-    assert allowed({"vision"}, "vision/fit.ipynb")
-    assert not allowed({"vision"}, "nlp/fit.ipynb")
-    assert not allowed({"vision"}, "Default")
-    assert allowed(set(), "nlp/fit.ipynb", admin=True)
 
 
 def env_for(tmp_path: Path, **extra) -> dict:
@@ -119,3 +109,13 @@ def test_pip_freeze_lists_this_environment():
     lines = pip_freeze().splitlines()
     assert any(line.lower().startswith("mlflow==") for line in lines)
     assert all("==" in line for line in lines)
+
+
+def test_system_metrics_switch():
+    """On for GPU flavours and scheduled runs, off for interactive CPU kernels; the switch wins."""
+    assert cfg.system_metrics({"LABYARD_GPUS": "2"}) == (True, 10.0)
+    assert cfg.system_metrics({"LABYARD_GPUS": "0"})[0] is False and cfg.system_metrics({})[0] is False
+    assert cfg.system_metrics({}, scheduled=True)[0] is True
+    assert cfg.system_metrics({"LABYARD_GPUS": "4", "LABYARD_SYSTEM_METRICS": "off"})[0] is False
+    assert cfg.system_metrics({"LABYARD_SYSTEM_METRICS": "on", "LABYARD_SYSTEM_METRICS_INTERVAL": "2"}) == (True, 2.0)
+    assert cfg.system_metrics({"LABYARD_GPUS": "x", "LABYARD_SYSTEM_METRICS_INTERVAL": "y"}) == (False, 10.0)

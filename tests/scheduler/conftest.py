@@ -8,26 +8,30 @@ import time
 import pytest
 
 from labyard_hub import demo
+from labyard_hub.access import Access, StaticIdentities
 from labyard_hub.projects import Identity, Project
 from labyard_hub.scheduler.local import LocalBackend
 
 from . import notebooks
 
 
+VISION, NLP = Project(name="vision", gid=20001), Project(name="nlp", gid=20002)
+DEMO_IDENTITIES = {
+    "alice": Identity(username="alice", uid=10001, gid=10000, projects=(VISION, NLP)),
+    "bob": Identity(username="bob", uid=10002, gid=10000, projects=(VISION,)),
+    "carol": Identity(username="carol", uid=10003, gid=10000, projects=(NLP,)),
+}
+
+
 @pytest.fixture
 def identities():
-    vision, nlp = Project(name="vision", gid=20001), Project(name="nlp", gid=20002)
-    return {
-        "alice": Identity(username="alice", uid=10001, gid=10000, projects=(vision, nlp)),
-        "bob": Identity(username="bob", uid=10002, gid=10000, projects=(vision,)),
-        "carol": Identity(username="carol", uid=10003, gid=10000, projects=(nlp,)),
-    }
+    return dict(DEMO_IDENTITIES)
 
 
-def make_backend(tmp_path, **kwargs) -> LocalBackend:
-    policy = demo.policy()
-    return LocalBackend(policy, tmp_path / "scheduler", tmp_path / "projects",
-                        available_flavors=[f for f in policy.flavors.values() if f.gpus == 0], tick=0.3, **kwargs)
+def make_backend(tmp_path, identities=None, policy=None, **kwargs) -> LocalBackend:
+    """A local backend whose users are ``identities`` (a StaticIdentities; the demo's by default)."""
+    return LocalBackend(Access(policy or demo.policy(), gpus=False), tmp_path / "scheduler", tmp_path / "projects",
+                        tick=0.3, identities=identities or StaticIdentities(DEMO_IDENTITIES), **kwargs)
 
 
 @pytest.fixture

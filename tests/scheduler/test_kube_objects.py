@@ -8,7 +8,8 @@ import pytest
 from kubernetes_asyncio.client import ApiClient
 
 from labyard_hub import demo
-from labyard_hub.projects import Identity, Project, authorize
+from labyard_hub.access import Access
+from labyard_hub.projects import Identity, Project
 from labyard_hub.scheduler.kube import make_cronjob, make_job, make_notebook_configmap
 from labyard_hub.scheduler.models import Run, Schedule, now
 
@@ -25,7 +26,7 @@ def schedule(**kw) -> Schedule:
 
 
 def models(s: Schedule):
-    project, flavor = authorize(ALICE, demo.policy(), s.project, s.flavor)
+    project, flavor = Access(demo.policy()).authorize(ALICE, s.project, s.flavor)
     return project, flavor
 
 
@@ -42,7 +43,13 @@ async def test_cronjob_runs_as_alice_with_the_flavours_gpu_in_the_project_namesp
     assert cj.spec.concurrency_policy == "Forbid" and cj.spec.starting_deadline_seconds == 24 * 3600
     assert cj.spec.suspend is False
     job = cj.spec.job_template.spec
-    assert job.backoff_limit == 2 and job.active_deadline_seconds == 600
+    # the pod makes its own attempts (like a local run); the Job fails at its first non-zero exit,
+    # naming the exit code; a pod lost to a disruption is replaced
+    assert job.backoff_limit == 0 and job.active_deadline_seconds == 3 * 600 + 600
+    rules = job.pod_failure_policy.rules
+    assert [r.action for r in rules] == ["Ignore", "FailJob"]
+    assert rules[0].on_pod_conditions[0].type == "DisruptionTarget"
+    assert rules[1].on_exit_codes.operator == "NotIn" and rules[1].on_exit_codes.values == [0]
     pod = job.template.spec
     assert pod.security_context.run_as_user == 10001 and pod.security_context.run_as_group == 20001
     assert pod.security_context.fs_group == 20001 and pod.security_context.run_as_non_root
@@ -54,7 +61,9 @@ async def test_cronjob_runs_as_alice_with_the_flavours_gpu_in_the_project_namesp
     assert pod.restart_policy == "Never" and pod.automount_service_account_token is False
     env = {e.name: e for e in c.env}
     assert json.loads(env["LABYARD_PARAMETERS"].value) == {"epochs": 3}
+    assert env["LABYARD_TIMEOUT_SECONDS"].value == "600" and env["LABYARD_RETRIES"].value == "2"
     assert env["LABYARD_RUN_ID"].value_from.field_ref.field_path == "metadata.labels['job-name']"
+    assert env["LABYARD_FLAVOR"].value == "gpu-1" and env["LABYARD_GPUS"].value == "1"  # for system metrics
     labels = job.template.metadata.labels
     assert labels["labyard.dev/schedule"] == "s-0123456789ab" and labels["labyard.dev/user"] == "alice"
     assert labels["labyard.dev/project"] == "vision" and labels["labyard.dev/run-local"] == "true"
@@ -91,7 +100,36 @@ def test_job_for_a_run_now_with_overrides():
     env = {e.name: e.value for e in c.env}
     assert env["LABYARD_RUN_ID"] == run.id and json.loads(env["LABYARD_PARAMETERS"]) == {"epochs": 5}
     assert "nvidia.com/gpu" not in c.resources.limits and job.spec.template.spec.node_selector is None
-    assert job.spec.backoff_limit == 0 and job.spec.active_deadline_seconds == 60
+    assert job.spec.backoff_limit == 0 and job.spec.active_deadline_seconds == 60 + 600
+
+
+def test_a_paused_schedule_carries_its_reason_on_the_cronjob():
+    s = schedule(paused=True, paused_reason="bob is no longer a member of project 'vision'")
+    cj = make_cronjob(s, ALICE, *models(s), image="img")
+    assert cj.spec.suspend is True
+    assert cj.metadata.annotations["labyard.dev/paused-reason"] == "bob is no longer a member of project 'vision'"
+    assert "labyard.dev/paused-reason" not in make_cronjob(schedule(), ALICE, *models(s), image="img").metadata.annotations
+
+
+@pytest.mark.parametrize(("result", "code", "cell"), [
+    ({"status": "succeeded"}, 0, None),
+    ({"status": "failed", "failed_cell": 2, "error": "ValueError: diverged"}, 12, 2),
+    ({"status": "failed", "failed_cell": None, "error": "papermill exited with 1"}, 1, None),
+    ({"status": "failed", "failed_cell": 400, "error": "x"}, 1, None),
+    ({"status": "failed", "failed_cell": 3, "error": "timed out after 20s (in cell 3)"}, 2, None),
+    ({"status": "cancelled", "error": "cancelled"}, 3, None),
+])
+def test_a_runs_result_travels_in_its_exit_code(result, code, cell):
+    """The scheduler reads no pods: what a Run shows comes back through the exit code in the Job's
+    Failed condition (the Job controller's message)."""
+    from labyard_hub.scheduler.podrun import exit_code, result_of_exit_code
+
+    assert exit_code(result) == code
+    if code:
+        message = f"Container notebook for pod labyard-vision/x-abcde failed with exit code {code} matching FailJob rule at index 1"
+        got_code, got_cell, error = result_of_exit_code(message, "scheduled-runs/train/r-1.ipynb")
+        assert got_code == code and got_cell == cell
+        assert error == "cancelled" if code == 3 else "scheduled-runs/train/r-1.ipynb" in error
 
 
 def test_run_once_schedule_is_not_a_cronjob_and_big_notebooks_are_refused():
@@ -102,3 +140,28 @@ def test_run_once_schedule_is_not_a_cronjob_and_big_notebooks_are_refused():
     assert cm.immutable and cm.metadata.namespace == "labyard-vision" and cm.data["notebook.ipynb"] == '{"cells": []}'
     with pytest.raises(ValueError, match="at most"):
         make_notebook_configmap("vision", "cd" * 32, b"x" * (2 * 1024 * 1024))
+
+
+def test_run_pods_log_to_mlflow_with_the_schedules_token():
+    """Through the gate as the owner: the token comes from the schedule's Secret (optional, so a
+    missing token never stops the run; its records then wait in the queue)."""
+    from labyard_hub.scheduler.kube import make_mlflow_token_secret, mlflow_secret_name
+
+    s = schedule()
+    project, flavor = models(s)
+    for obj in (make_cronjob(s, ALICE, project, flavor, image="i", mlflow_url="http://mlflow:5000/services/mlflow"),
+                make_job(s, Run(id="r-0123456789ab", schedule_id=s.id, owner="alice", project="vision", flavor="gpu-1",
+                                notebook=s.notebook, notebook_sha256=s.notebook_sha256, trigger="manual", created=now()),
+                         ALICE, project, flavor, image="i", mlflow_url="http://mlflow:5000/services/mlflow")):
+        spec = obj.spec.job_template.spec if hasattr(obj.spec, "job_template") else obj.spec
+        env = {e.name: e for e in spec.template.spec.containers[0].env}
+        assert env["MLFLOW_TRACKING_URI"].value == "http://mlflow:5000/services/mlflow"
+        ref = env["MLFLOW_TRACKING_TOKEN"].value_from.secret_key_ref
+        assert ref.name == mlflow_secret_name(s.id) == "labyard-mlflow-s-0123456789ab" and ref.key == "token" and ref.optional
+    secret = make_mlflow_token_secret(s, "tok", "a12")
+    assert secret.metadata.namespace == "labyard-vision" and secret.metadata.name == mlflow_secret_name(s.id)
+    assert secret.string_data == {"token": "tok"} and secret.metadata.annotations["labyard.dev/hub-token-id"] == "a12"
+    assert secret.metadata.labels["labyard.dev/schedule"] == s.id and secret.metadata.labels["labyard.dev/user"] == "alice"
+    # without MLflow, no token
+    env = {e.name for e in make_cronjob(s, ALICE, project, flavor, image="i").spec.job_template.spec.template.spec.containers[0].env}
+    assert "MLFLOW_TRACKING_TOKEN" not in env

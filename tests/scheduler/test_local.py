@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from labyard_hub.projects import AccessError
+from labyard_hub.access import AccessError, StaticIdentities
 from labyard_hub.scheduler.backend import BadRequest, NotFound
 from labyard_hub.scheduler.models import RunCreate, RunStatus, ScheduleCreate, ScheduleUpdate, now
 from labyard_hub.scheduler.params import ParameterError
@@ -232,3 +232,179 @@ async def test_a_killed_runner_is_reported_failed(tmp_path, identities):
         assert done.status == RunStatus.failed and "without a result" in done.error
     finally:
         await b.stop()
+
+
+async def test_run_input_is_the_snapshot_it_executed(backend, identities, tmp_path):
+    alice, carol = identities["alice"], identities["carol"]
+    _, run = await backend.create_schedule(alice, create(parameters={"epochs": 2}))
+    nb_path = tmp_path / "projects" / "vision" / "train.ipynb"
+    scheduled = json.loads(nb_path.read_text())
+    nb_path.write_text(nb_path.read_text().replace("epochs = 1", "epochs = 7"))  # changed after scheduling
+    assert json.loads(await backend.run_input(alice, run.id)) == scheduled
+    with pytest.raises(AccessError):
+        await backend.run_input(carol, run.id)
+    with pytest.raises(NotFound):
+        await backend.run_input(alice, "r-000000000000")
+    await wait_finished(backend, alice, run.id)
+
+
+# ---- decisions at the moment of action ---------------------------------------------------------
+def _bob_removed_from_vision(identities):
+    return identities["bob"].model_copy(update={"projects": ()})
+
+
+async def test_a_cron_time_rechecks_the_owner_and_pauses_with_the_reason(tmp_path, identities):
+    """bob leaves vision: at his schedule's next cron time no run starts; the schedule is paused with
+    the reason, which alice (the project) sees too; it stays paused, and bob cannot resume it."""
+    notebooks.write(tmp_path / "projects" / "vision" / "train.ipynb", notebooks.training())
+    people = StaticIdentities(identities)
+    b = make_backend(tmp_path, identities=people)
+    await b.start()
+    try:
+        bob = identities["bob"]
+        schedule, _ = await b.create_schedule(bob, create(cron="* * * * *"))
+        people.set(_bob_removed_from_vision(identities))
+        await _age(b, schedule.id, 1)
+        await b.tick_once()
+        assert await b.list_runs(identities["alice"], schedule_id=schedule.id) == []
+        seen = await b.get_schedule(identities["alice"], schedule.id)
+        assert seen.paused and seen.next_run is None
+        assert seen.paused_reason == "bob is no longer a member of project 'vision'"
+        await _age(b, schedule.id, 1)
+        await b.tick_once()
+        assert await b.list_runs(identities["alice"], schedule_id=schedule.id) == []
+        with pytest.raises(AccessError) as e:
+            await b.set_paused(_bob_removed_from_vision(identities), schedule.id, False)
+        assert e.value.status == 403
+    finally:
+        await b.stop()
+
+
+async def test_the_reconcile_pass_pauses_without_waiting_for_a_cron_time(tmp_path, identities):
+    notebooks.write(tmp_path / "projects" / "vision" / "train.ipynb", notebooks.training())
+    people = StaticIdentities(identities)
+    b = make_backend(tmp_path, identities=people)
+    await b.start()
+    try:
+        schedule, _ = await b.create_schedule(identities["bob"], create(cron="0 3 * * *"))
+        other, _ = await b.create_schedule(identities["alice"], create(cron="0 3 * * *"))
+        assert await b.reconcile() == []
+        people.set(_bob_removed_from_vision(identities))
+        paused = await b.reconcile()
+        assert [s.id for s in paused] == [schedule.id]
+        assert (await b.get_schedule(identities["alice"], other.id)).paused is False
+        assert await b.reconcile() == []  # nothing resumes it, nothing pauses it twice
+    finally:
+        await b.stop()
+
+
+async def test_when_the_hub_cannot_say_nothing_runs_and_nothing_is_decided(tmp_path, identities):
+    from labyard_hub.access import IdentityUnavailable
+
+    class HubDown(StaticIdentities):
+        async def get(self, name, fresh=False):
+            raise IdentityUnavailable("the hub did not answer")
+
+    notebooks.write(tmp_path / "projects" / "vision" / "train.ipynb", notebooks.training())
+    b = make_backend(tmp_path)
+    await b.start()
+    schedule, _ = await b.create_schedule(identities["alice"], create(cron="* * * * *"))
+    await b.stop()
+    b = make_backend(tmp_path, identities=HubDown(identities))
+    await b._sql(b._connect)
+    await _age(b, schedule.id, 1)
+    await b.tick_once()
+    s = await b._load_schedule(schedule.id)
+    assert not s.paused and await b._list_runs(schedule_id=schedule.id) == []
+    assert s.last_fire < now() - timedelta(seconds=50)  # still due: the next tick tries again
+    await b._sql(b._db.close)
+
+
+async def test_a_flavour_removed_from_the_policy_is_409_and_pauses_never_500(tmp_path, identities):
+    from labyard_hub.projects import ProjectPolicy
+    from labyard_hub.scheduler.backend import Conflict
+
+    def policy(*names):
+        return ProjectPolicy.model_validate({"flavors": {n: {} for n in names}})
+
+    notebooks.write(tmp_path / "projects" / "vision" / "train.ipynb", notebooks.training())
+    alice = identities["alice"]
+    b = make_backend(tmp_path, policy=policy("cpu", "big"))
+    await b.start()
+    schedule, _ = await b.create_schedule(alice, create(cron="0 3 * * *", flavor="big"))
+    await b.stop()
+    # the admin removes flavour "big"; the service restarts with the new policy
+    b = make_backend(tmp_path, policy=policy("cpu"))
+    await b.start()
+    try:
+        assert (await b.get_schedule(alice, schedule.id)).flavor == "big"  # still listed, not a 500
+        with pytest.raises(Conflict, match="flavour is gone: unknown flavor 'big'"):
+            await b.run_now(alice, schedule.id, RunCreate())
+        s = await b.get_schedule(alice, schedule.id)
+        assert s.paused and "flavour is gone" in s.paused_reason
+        assert await b.list_runs(alice, schedule_id=schedule.id) == []
+        with pytest.raises(Conflict, match="stays paused: the schedule's flavour is gone"):
+            await b.set_paused(alice, schedule.id, False)
+        with pytest.raises(AccessError) as e:
+            await b.update_schedule(alice, schedule.id, ScheduleUpdate(flavor="big"))
+        assert e.value.status == 400
+        fixed = await b.update_schedule(alice, schedule.id, ScheduleUpdate(flavor="cpu"))
+        assert fixed.flavor == "cpu" and fixed.paused  # resuming is the owner's decision
+        resumed = await b.set_paused(alice, schedule.id, False)
+        assert not resumed.paused and resumed.paused_reason is None and resumed.next_run
+    finally:
+        await b.stop()
+
+
+async def test_pausing_by_hand_says_who_paused(backend, identities):
+    alice = identities["alice"]
+    schedule, _ = await backend.create_schedule(alice, create(cron="0 3 * * *"))
+    assert (await backend.set_paused(alice, schedule.id, True)).paused_reason == "paused by alice"
+
+
+# ---- snapshots and descriptors -----------------------------------------------------------------
+async def test_snapshots_no_schedule_uses_are_cleaned_and_limited_per_user(tmp_path, identities):
+    from labyard_hub.settings import SchedulerSettings
+
+    alice = identities["alice"]
+    b = make_backend(tmp_path, limits=SchedulerSettings(snapshot_ttl=60, snapshots_per_user=3))
+    await b.start()
+    try:
+        nb = notebooks.training()
+        used, _ = await b.create_schedule(alice, create(cron="0 3 * * *", notebook_content=json.loads(json.dumps(nb))))
+        digests = []
+        for epochs in range(5):  # the Schedule dialog, opened five times on a changing notebook
+            nb.cells[1].source = f"epochs = {epochs}\n"
+            digest, _ = await b.parameters_of(alice, "vision", "train.ipynb", json.loads(json.dumps(nb)))
+            digests.append(digest)
+        kept = {d for d in digests if b.snapshots.exists(d)}
+        assert kept == set(digests[-3:])  # her three newest unused ones
+        assert b.snapshots.exists(used.notebook_sha256)
+        # an hour later nothing unused is left; the schedule's snapshot stays
+        old = now().timestamp() - 3600
+        for mark in (b.snapshots.root / "owners" / "alice").iterdir():
+            os.utime(mark, (old, old))
+        for path in b.snapshots.root.glob("*.ipynb"):
+            os.utime(path, (old, old))
+        assert set(await b.clean_snapshots()) == kept
+        assert b.snapshots.exists(used.notebook_sha256)
+        await b.tick_once()
+        run = await b.run_now(alice, used.id, RunCreate())
+        assert (await wait_finished(b, alice, run.id)).status == RunStatus.succeeded
+    finally:
+        await b.stop()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_runs_leave_no_open_descriptor_behind(backend, identities):
+    alice = identities["alice"]
+    schedule, first = await backend.create_schedule(alice, create(cron="0 3 * * *"))
+    before = _open_fds()
+    for _ in range(5):
+        run = await backend.run_now(alice, schedule.id, RunCreate())
+        assert (await wait_finished(backend, alice, run.id)).status == RunStatus.succeeded
+    await asyncio.sleep(1)  # the reaper has seen every child exit
+    assert _open_fds() <= before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,11 @@ ARTIFACTS = Path(__file__).parent.parent / "artifacts"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("labyard-schedule-browser")).start()
-    notebooks.write(s.data_dir / "projects" / "vision" / "train.ipynb", notebooks.training())
+    nb = s.data_dir / "projects" / "vision" / "train.ipynb"
+    notebooks.write(nb, notebooks.training())
+    if os.geteuid() == 0:  # alice's, as if she had made it (the Schedule button saves it first)
+        os.chown(nb, 10001, 20001)  # alice's uidNumber, vision's gidNumber in the demo directory
+        nb.chmod(0o660)
     yield s
     s.stop()
 

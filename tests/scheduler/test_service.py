@@ -83,16 +83,84 @@ def test_failing_run_reports_cell_and_error(alice, base):
     ({"timezone": "Mars/Olympus"}, 400, "unknown timezone 'Mars/Olympus'"),
     ({"parameters": {"epochs": "3"}}, 400, "parameter 'epochs' must be int, got str"),
     ({"parameters": {"epoch": 3}}, 400, "unknown parameter 'epoch'"),
-    ({"flavor": "gpu-1"}, 400, "flavor not available to this project 'gpu-1'"),
+    ({"flavor": "gpu-1"}, 400, "flavor not offered in this mode (GPU flavours need Kubernetes or local.allow_gpu_flavors) 'gpu-1'"),
     ({"project": "nlp"}, 400, "notebook 'train.ipynb' not found in project 'nlp'"),
     ({"project": "admins2"}, 403, "alice is not a member of project 'admins2'"),
     ({"notebook": "../nlp/x.ipynb"}, 400, "notebook must be a relative .ipynb path"),
     ({"retries": -1}, 400, "retries:"),
+    ({"cron": "0 0 30 2 *"}, 400, "cron: cron expression '0 0 30 2 *' never fires"),
+    ({"cron": "0 0 L * *"}, 400, "cron: invalid cron expression"),
+    ({"flavor": "huge"}, 400, "unknown flavor 'huge'"),
+    ({"project": "Not A Project"}, 400, "project: String should match pattern"),
+    ({"name": 3}, 400, "name: Input should be a valid string"),
 ])
 def test_bad_requests_say_what_is_wrong(alice, base, body, status, message):
     r = alice.post(f"{base}/schedules", json={"project": "vision", "notebook": "train.ipynb", **body})
     assert r.status_code == status, r.text
     assert message in r.json()["message"]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"[" * 100_000 + b"]" * 100_000, "body is nested deeper than 100 levels"),
+    (b'{"project": "vision", "notebook": "train.ipynb", "parameters": {"epochs": ' + b"[" * 500 + b"]" * 500 + b"}}",
+     "body is nested deeper than 100 levels"),
+    (b"{not json", "body is not JSON"),
+    (b"\xff\xfe", "body is not JSON"),
+    (b"[1, 2]", "Input should be a valid dictionary"),
+])
+def test_malformed_bodies_are_400_with_a_message(alice, base, body, message):
+    for path in ("schedules", "inspect"):
+        r = alice.post(f"{base}/{path}", data=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert message in r.json()["message"]
+
+
+def test_a_body_over_the_limit_is_413_after_it_was_read(alice, base):
+    """16 MiB by default (settings: scheduler.max_body_bytes); the service reads the rest without
+    keeping it, so the proxy in front passes the 413 on instead of a broken connection."""
+    notebook = {"cells": [], "nbformat": 4, "nbformat_minor": 5, "metadata": {"pad": "x" * (17 * 1024 * 1024)}}
+    r = alice.post(f"{base}/inspect", json={"project": "vision", "notebook": "big.ipynb", "notebook_content": notebook})
+    assert r.status_code == 413 and "larger than 16777216 bytes" in r.json()["message"]
+    # the service is still there and answers the next request on a fresh connection
+    assert alice.get(f"{base}/whoami").status_code == 200
+
+
+def _scheduler_pid(stack: Stack) -> int:
+    return next(p.pid for p in stack.processes() if "labyard_hub.scheduler.app" in " ".join(p.cmdline()))
+
+
+def _open_files(pid: int) -> list[str]:
+    """The service's descriptors that are files (not sockets, pipes or event fds, whose number
+    follows the connections the proxy keeps open)."""
+    import os
+
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/"):
+            out.append(target)
+    return sorted(out)
+
+
+def test_runs_leave_no_descriptor_open_in_the_service(stack, alice, base):
+    schedule = alice.post(f"{base}/schedules", json={"project": "vision", "notebook": "train.ipynb", "cron": "0 5 * * *"}).json()
+    pid = _scheduler_pid(stack)
+
+    def runs(n):
+        for _ in range(n):
+            r = alice.post(f"{base}/schedules/{schedule['id']}/runs", json={"parameters": {"epochs": 1}})
+            assert r.status_code == 201, r.text
+            assert wait_run(alice, base, r.json()["id"])["status"] == "succeeded"
+
+    runs(1)
+    before = _open_files(pid)
+    runs(4)
+    after = _open_files(pid)
+    assert len(after) <= len(before), sorted(set(after) - set(before))
+    alice.delete(f"{base}/schedules/{schedule['id']}")
 
 
 def test_other_users(stack, alice, base):
@@ -142,6 +210,20 @@ def test_through_her_server_and_cron_keeps_firing_after_it_stops(stack, alice, b
     path = opened.json()["path"]
     assert path == f"scheduled-runs/train/{now_run['id']}.ipynb"
     assert (stack.data_dir / "projects" / "vision" / path).is_file()
+    # her vision server acts for vision only, though she is in nlp too: nothing of nlp lands in vision
+    notebooks.write(stack.data_dir / "projects" / "nlp" / "train.ipynb", notebooks.training())
+    nlp = alice.post(f"{base}/schedules", json={"project": "nlp", "notebook": "train.ipynb", "parameters": {"epochs": 1}}).json()
+    assert wait_run(alice, base, nlp["run"]["id"])["status"] == "succeeded"
+    r = browser.post(f"{lab}/labyard/scheduler/schedules", headers=xsrf, json={"project": "nlp", "notebook": "train.ipynb"})
+    assert r.status_code == 400 and "this server is for project 'vision'" in r.json()["message"]
+    r = browser.post(f"{lab}/labyard/scheduler/runs/{nlp['run']['id']}/open", headers=xsrf)
+    assert r.status_code == 403 and not (stack.data_dir / "projects" / "vision" / "scheduled-runs" / "train" /
+                                         f"{nlp['run']['id']}.ipynb").exists()
+    r = browser.post(f"{lab}/labyard/scheduler/schedules/{nlp['id']}/runs", headers=xsrf, json={})
+    assert r.status_code == 403 and "not of project 'vision'" in r.json()["message"]
+    listed = browser.get(f"{lab}/labyard/scheduler/schedules", headers=xsrf).json()
+    assert listed and {s["project"] for s in listed} == {"vision"}
+    assert browser.get(f"{lab}/labyard/scheduler/runs", params={"project": "nlp"}, headers=xsrf).status_code == 400
     # her server stops; the next cron time still runs
     r = alice.delete(f"{alice.base}/users/alice/servers/vision")
     assert r.status_code in (202, 204)

@@ -37,11 +37,47 @@ def test_policy_of_the_example_inventory(projects):
     assert pol["flavors"]["gpu-2"] == {"cpu": 16, "memory": "128Gi", "gpus": 2}
 
 
+def test_left_out_fields_inherit_the_defaults(projects):
+    """A project without flavors/quota/storage/image leaves them out of the policy, so the platform
+    gives it the defaults' (not an empty flavour list)."""
+    defaults = {"flavors": ["cpu"], "quota": {"gpus": 0}}
+    pol = projects.project_policy([{"name": "nlp", "gid": 30005, "members": ["alice"]}], FLAVORS, PEOPLE, defaults)
+    assert pol["projects"] == {"nlp": {}} and pol["defaults"] == defaults
+    with pytest.raises(AnsibleFilterError, match="unknown flavors"):
+        projects.project_policy([proj()], FLAVORS, PEOPLE, {"flavors": ["gpu-8"]})
+
+
+def test_project_names_follow_the_platforms_schema(projects):
+    """The same rule as the hub: a project name of at most 30 characters (from the shipped schema)."""
+    assert projects.project_policy([proj(name="x" * 30)], FLAVORS, PEOPLE)["projects"]
+    with pytest.raises(AnsibleFilterError, match="at most 30 characters"):
+        projects.project_policy([proj(name="x" * 31)], FLAVORS, PEOPLE)
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ([proj(name="Vision")], "DNS label"),
-        ([proj(name="x" * 56)], "DNS label"),
+        ({"quota": {"gpus": -1}}, r"projects\.vision\.quota\.gpus: -1 is less than the minimum of 0"),
+        ({"storage": "lots"}, r"projects\.vision\.storage: 'lots' does not match"),
+        ({"quota": {"gpu": 1}}, r"Additional properties are not allowed \('gpu' was unexpected\)"),
+    ],
+)
+def test_the_policy_is_checked_against_the_platforms_schema(projects, bad, message):
+    with pytest.raises(AnsibleFilterError, match=message):
+        projects.project_policy([proj(**bad)], FLAVORS, PEOPLE)
+
+
+def test_flavors_are_checked_against_the_schema_too(projects):
+    with pytest.raises(AnsibleFilterError, match=r"flavors\.gpu-1\.gpus: 'one' is not of type 'integer'"):
+        projects.project_policy([proj()], {**FLAVORS, "gpu-1": {"gpus": "one"}}, PEOPLE)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ([proj(name="Vision")], "is not valid"),
+        ([proj(name="x" * 31)], "is not valid"),
+        ([proj(name="ml--team")], "is not valid"),
         ([proj(), proj(name="other")], "gid 30001 already used"),
         ([proj(members=["mallory"])], "member 'mallory' is not in labyard_people"),
         ([proj(flavors=["gpu-8"])], "unknown flavor 'gpu-8'"),

@@ -3,6 +3,7 @@ import {
   CRON_PRESETS,
   cronError,
   describeCron,
+  describeWhen,
   IParameterSpec,
   parseParameter
 } from '../schedule-model';
@@ -66,5 +67,25 @@ describe('parameters', () => {
     expect(collectParameters(SPECS, texts)).toEqual({ values: { epochs: 3, layers: [1, 2, 3] }, errors: [] });
     const bad = collectParameters(SPECS, { ...texts, epochs: 'three', lr: 'x' });
     expect(bad.errors).toEqual(['epochs must be an integer, not "three"', 'lr must be a number, not "x"']);
+  });
+});
+
+describe('when a schedule runs, as the panel says it', () => {
+  const at = (iso: string) => `at ${iso}`;
+  const cron = { cron: '0 2 * * *', timezone: 'UTC', next_run: '2026-12-02T02:00:00Z' };
+  it('says the next time of an active schedule', () => {
+    expect(describeWhen({ ...cron, paused: false, paused_reason: null }, at)).toBe(
+      'every day at 02:00 (UTC) — next at 2026-12-02T02:00:00Z'
+    );
+  });
+  it('says why a schedule is paused, for the owner and the project alike', () => {
+    const reason = "bob is no longer a member of project 'vision'";
+    expect(describeWhen({ ...cron, next_run: null, paused: true, paused_reason: reason }, at)).toBe(
+      `every day at 02:00 (UTC) — paused: ${reason}`
+    );
+    expect(describeWhen({ ...cron, next_run: null, paused: true }, at)).toBe('every day at 02:00 (UTC) — paused');
+  });
+  it('says run once for a schedule without a timetable', () => {
+    expect(describeWhen({ cron: null, timezone: 'UTC', paused: false, next_run: null }, at)).toBe('run once');
   });
 });

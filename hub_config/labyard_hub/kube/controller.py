@@ -26,6 +26,7 @@ from kubernetes_asyncio.client import (
     V1RoleBinding,
 )
 
+from ..access import Access
 from ..projects import Project, ProjectPolicy
 from . import objects
 
@@ -64,6 +65,7 @@ class ProjectController:
         policy: the project policy (quota, storage).
         hub_namespace: where the hub and proxy run (network policy lets them in).
         grants: role bindings to create in every project namespace.
+        project_egress: extra egress rules of the project namespaces' network policy.
     """
 
     def __init__(
@@ -76,15 +78,18 @@ class ProjectController:
         storage_class: str | None = None,
         delete_orphaned_namespaces: bool = False,
         request_timeout: float = 10,
+        project_egress: list[dict] | None = None,
     ):
         self.api = api
         self.list_projects = list_projects
         self.policy = policy
+        self.access = Access(policy)
         self.hub_namespace = hub_namespace
         self.grants = grants
         self.storage_class = storage_class
         self.delete_orphaned = delete_orphaned_namespaces
         self.timeout = request_timeout
+        self.project_egress = list(project_egress or [])
         self.core = CoreV1Api(api)
         self.rbac = RbacAuthorizationV1Api(api)
 
@@ -93,9 +98,9 @@ class ProjectController:
         settings = self.policy.settings(project.name)
         return [
             objects.make_namespace(project),
-            objects.make_resource_quota(project.name, settings.quota),
+            objects.make_resource_quota(project.name, settings.quota, self.access.gpu_resources(project.name)),
             objects.make_limit_range(project.name),
-            objects.make_network_policy(project.name, self.hub_namespace),
+            objects.make_network_policy(project.name, self.hub_namespace, extra_egress=self.project_egress),
             objects.make_project_pvc(project.name, settings.storage or "10Gi", self.storage_class),
             *(objects.make_role_binding(project.name, g.name, g.cluster_role, g.service_account, g.namespace) for g in self.grants),
         ]

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from decimal import Decimal
 
 from kubernetes_asyncio.client import (
     RbacV1Subject,
+    V1EnvVar,
+    V1EnvVarSource,
+    V1Secret,
+    V1SecretKeySelector,
     V1Capabilities,
     V1LabelSelector,
     V1LabelSelectorRequirement,
@@ -22,8 +25,10 @@ from kubernetes_asyncio.client import (
     V1LimitRangeSpec,
     V1Namespace,
     V1NetworkPolicy,
+    V1NetworkPolicyEgressRule,
     V1NetworkPolicyIngressRule,
     V1NetworkPolicyPeer,
+    V1NetworkPolicyPort,
     V1NetworkPolicySpec,
     V1ObjectMeta,
     V1PersistentVolumeClaim,
@@ -43,7 +48,7 @@ from kubernetes_asyncio.client import (
     V1VolumeResourceRequirements,
 )
 
-from ..projects import Flavor, Identity, Project, Quota
+from ..projects import Flavor, Identity, Project, Quota, ascii_fold
 
 NAMESPACE_PREFIX = "labyard-"
 #: where every server and run of a project sees the project's shared volume
@@ -65,10 +70,9 @@ def safe_name(text: str, max_length: int = 63) -> str:
     When the text had to be changed (or shortened), a short hash of the original is appended so
     that two different texts never share a name: ``"Résumé run"`` -> ``"resume-run-3f2a9c1e"``.
     """
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    slug = re.sub(r"[^a-z0-9]+", "-", folded).strip("-")
-    if slug == text and _DNS_LABEL.match(slug) and len(slug) <= max_length:
-        return slug
+    if _DNS_LABEL.match(text) and len(text) <= max_length:
+        return text
+    slug = ascii_fold(text)
     suffix = _digest(text)
     slug = slug[: max_length - len(suffix) - 1].strip("-")
     return f"{slug}-{suffix}" if slug else f"x-{suffix}"
@@ -114,9 +118,11 @@ def make_pod_security_context(identity: Identity, project: Project) -> V1PodSecu
         ValueError: the user has no uidNumber or the project no gidNumber (nothing would be safe to run as).
     """
     if identity.uid is None:
-        raise ValueError(f"{identity.username} has no uidNumber in the directory")
+        raise ValueError(f"{identity.username} has no uidNumber in the directory: servers run as the user's LDAP uid "
+                         "in Kubernetes mode; ask an administrator to give the account a uidNumber")
     if project.gid is None:
-        raise ValueError(f"project {project.name} has no gidNumber in the directory")
+        raise ValueError(f"project {project.label} has no gidNumber in the directory: servers run with the project's "
+                         "LDAP gid in Kubernetes mode; ask an administrator to give the group a gidNumber")
     return V1PodSecurityContext(
         run_as_user=identity.uid,
         run_as_group=project.gid,
@@ -183,17 +189,27 @@ def make_namespace(project: Project) -> V1Namespace:
             name=namespace_for(project.name),
             labels=labels,
             annotations={LABEL_PREFIX + "gid": str(project.gid) if project.gid is not None else "",
+                         LABEL_PREFIX + "display-name": project.label,
                          LABEL_PREFIX + "description": project.description},
         )
     )
 
 
-def make_resource_quota(project: str, quota: Quota | None, gpu_resource: str = "nvidia.com/gpu") -> V1ResourceQuota:
-    """The project's quota: GPUs, CPU and memory of all its servers and runs together."""
+def make_resource_quota(project: str, quota: Quota | None,
+                        gpu_resources: list[str] | tuple[str, ...] = ("nvidia.com/gpu",)) -> V1ResourceQuota:
+    """The project's quota: GPUs, CPU and memory of all its servers and runs together.
+
+    Args:
+        gpu_resources: every GPU resource the project's flavours ask for
+            (:meth:`labyard_hub.access.Access.gpu_resources`: ``nvidia.com/gpu``, MIG slices
+            such as ``nvidia.com/mig-1g.10gb``); ``quota.gpus`` limits each of them, so a
+            flavour on another resource cannot escape the quota.
+    """
     hard: dict[str, str] = {}
     if quota is not None:
         if quota.gpus is not None:
-            hard[f"requests.{gpu_resource}"] = str(quota.gpus)
+            for resource in gpu_resources:
+                hard[f"requests.{resource}"] = str(quota.gpus)
         if quota.cpu is not None:
             hard["requests.cpu"] = hard["limits.cpu"] = _cpu(quota.cpu)
         if quota.memory is not None:
@@ -220,29 +236,46 @@ def make_limit_range(project: str, default_cpu: str = "500m", default_memory: st
     )
 
 
-def make_network_policy(project: str, hub_namespace: str, allowed_components: tuple[str, ...] = ("hub", "proxy")) -> V1NetworkPolicy:
-    """Default deny for the project's pods: only the hub and the proxy may connect to them.
+def make_network_policy(
+    project: str,
+    hub_namespace: str,
+    allowed_components: tuple[str, ...] = ("hub", "proxy"),
+    egress_components: tuple[str, ...] = ("hub", "scheduler", "proxy"),
+    extra_egress: tuple[dict, ...] | list[dict] = (),
+) -> V1NetworkPolicy:
+    """Default deny for the project's pods, both ways, with exactly the openings they need.
 
-    Pods of the project may still talk to each other (a notebook and its dask workers, say).
-    Egress is left open (package mirrors, MLflow, the hub API).
+    In: the hub and the proxy (``allowed_components`` in the hub namespace), and the project's
+    own pods (a notebook and its dask workers, say). Out: the project's own pods, the hub API,
+    the scheduler and the proxy (``egress_components`` in the hub namespace: kernels and runs log
+    to MLflow through the proxy at /services/mlflow/, never to MLflow's own port), DNS, and
+    ``extra_egress``: NetworkPolicy egress rules as the admin wrote them (Kubernetes field
+    names, e.g. a package mirror ``{"to": [{"ipBlock": {"cidr": "10.20.0.5/32"}}], "ports":
+    [{"port": 443}]}``), passed through unchanged. Pods of other projects are neither reachable
+    nor able to reach in.
     """
-    from_hub = [
-        V1NetworkPolicyPeer(
+
+    def hub_side(components: tuple[str, ...]) -> V1NetworkPolicyPeer:
+        return V1NetworkPolicyPeer(
             namespace_selector=V1LabelSelector(match_labels={"kubernetes.io/metadata.name": hub_namespace}),
             pod_selector=V1LabelSelector(
-                match_expressions=[
-                    V1LabelSelectorRequirement(key="app.kubernetes.io/component", operator="In", values=list(allowed_components))
-                ]
+                match_expressions=[V1LabelSelectorRequirement(key="app.kubernetes.io/component", operator="In", values=list(components))]
             ),
-        ),
-        V1NetworkPolicyPeer(pod_selector=V1LabelSelector()),
-    ]
+        )
+
+    own = V1NetworkPolicyPeer(pod_selector=V1LabelSelector())
+    dns = [V1NetworkPolicyPort(port=53, protocol="UDP"), V1NetworkPolicyPort(port=53, protocol="TCP")]
     return V1NetworkPolicy(
         metadata=V1ObjectMeta(name="labyard-default-deny", namespace=namespace_for(project), labels=labels_for("netpol", project)),
         spec=V1NetworkPolicySpec(
             pod_selector=V1LabelSelector(),
-            policy_types=["Ingress"],
-            ingress=[V1NetworkPolicyIngressRule(_from=from_hub)],
+            policy_types=["Ingress", "Egress"],
+            ingress=[V1NetworkPolicyIngressRule(_from=[hub_side(allowed_components), own])],
+            egress=[
+                V1NetworkPolicyEgressRule(to=[hub_side(egress_components), own]),
+                V1NetworkPolicyEgressRule(ports=dns),
+                *extra_egress,
+            ],
         ),
     )
 
@@ -279,6 +312,34 @@ def parse_quantity(quantity: str | int | float) -> Decimal:
     if not match or match.group(2) not in _SUFFIXES:
         raise ValueError(f"not a Kubernetes quantity: {quantity!r}")
     return Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
+
+
+def server_secret_name(pod_name: str) -> str:
+    """The Secret holding a server pod's hub token (``<pod name>-token``: a pod name is a DNS
+    label, so this is a valid Secret name)."""
+    return f"{pod_name}-token"
+
+
+def make_server_secret(pod_name: str, namespace: str, values: dict[str, str], labels: dict[str, str]) -> V1Secret:
+    """The Secret that carries a server's hub token, so that the token is not in the pod spec.
+
+    Anyone who may read pods in the namespace (the scheduler may not, nor may users) would
+    otherwise read every server's token there; only the hub may read or write this Secret
+    (it creates it before the pod and deletes it when the server stops).
+
+    Args:
+        values: environment variable name -> value (the token, under each name the server reads it by).
+    """
+    return V1Secret(
+        api_version="v1", kind="Secret", type="Opaque",
+        metadata=V1ObjectMeta(name=server_secret_name(pod_name), namespace=namespace, labels=dict(labels)),
+        string_data=dict(values),
+    )
+
+
+def env_from_secret(name: str, secret: str) -> V1EnvVar:
+    """An environment variable read from key ``name`` of Secret ``secret``."""
+    return V1EnvVar(name=name, value_from=V1EnvVarSource(secret_key_ref=V1SecretKeySelector(name=secret, key=name)))
 
 
 def make_home_volume(username: str, mount_path: str) -> tuple[V1Volume, V1VolumeMount]:

@@ -17,7 +17,7 @@ from kubernetes_asyncio.client import ApiException
 from kubespawner import KubeSpawner
 from traitlets import Float, Unicode, default
 
-from ..projects import Flavor
+from ..projects import Flavor, Identity
 from ..spawners.base import ProjectSpawnerMixin
 from . import objects
 
@@ -62,6 +62,14 @@ class ProjectKubeSpawner(ProjectSpawnerMixin, KubeSpawner):
     capacity_check_timeout = Float(
         2.0, help="Seconds for the Kubernetes reads that decide whether a request can fit (fail-fast check)."
     ).tag(config=True)
+    project_ready_timeout = Float(
+        90.0,
+        help="""Seconds a spawn waits for the project controller to have set the project up in the
+        cluster (namespace ``labyard-<project>``, quota, volume, the hub's role binding), as right
+        after the platform starts or a group appears in LDAP. The controller does so within its
+        interval (``controller_interval``, 60 s by default). After this the spawn is refused with
+        503 and a message saying what is missing, instead of failing on a missing namespace.""",
+    ).tag(config=True)
 
     @default("storage_pvc_ensure")
     def _storage_default(self) -> bool:
@@ -97,6 +105,15 @@ class ProjectKubeSpawner(ProjectSpawnerMixin, KubeSpawner):
             self.pvc_name = objects.home_claim_name(self.user.name)
 
     # -- identity, flavour and policy applied to the pod ---------------------------------------
+    def authorize(self) -> None:
+        """Also refuse at once, naming the attribute, a user or project without the LDAP numbers
+        a pod runs as (uidNumber of the user, gidNumber of the project)."""
+        super().authorize()
+        try:
+            objects.make_pod_security_context(self.identity or Identity(username=self.user.name), self.project)
+        except ValueError as e:
+            raise SpawnException(str(e), reason="identity", status_code=400) from e
+
     async def load_user_options(self):
         """Apply the authorized project and flavour (checked in the pre-spawn hook)."""
         assert self.project and self.flavor and self.identity
@@ -134,7 +151,40 @@ class ProjectKubeSpawner(ProjectSpawnerMixin, KubeSpawner):
         home_volume, home_mount = objects.make_home_volume(self.user.name, self.home_mount_template.format(username=self.user.name))
         pod.spec.volumes = [*(pod.spec.volumes or []), volume, home_volume]
         container.volume_mounts = [*(container.volume_mounts or []), mount, home_mount]
+        # the hub token is read from a Secret: not in the pod spec, which others may read
+        secret = objects.server_secret_name(self.pod_name)
+        self._secret_env = {e.name: e.value for e in container.env or [] if self.api_token and e.value == self.api_token}
+        container.env = [objects.env_from_secret(e.name, secret) if e.name in self._secret_env else e
+                         for e in container.env or []]
         return pod
+
+    # -- the token's Secret: made before the pod, gone with the server --------------------------
+    _secret_env: dict[str, str] = {}
+
+    async def _make_create_pod_request(self, pod, request_timeout):
+        if self._secret_env:
+            manifest = objects.make_server_secret(self.pod_name, self.namespace, self._secret_env,
+                                                  objects.labels_for("server-token", self.project.name, self.user.name))
+            try:
+                try:
+                    await asyncio.wait_for(self.api.create_namespaced_secret(self.namespace, manifest), request_timeout)
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+                    await asyncio.wait_for(
+                        self.api.replace_namespaced_secret(manifest.metadata.name, self.namespace, manifest), request_timeout)
+            except asyncio.TimeoutError:
+                return False  # exponential_backoff tries again
+        return await super()._make_create_pod_request(pod, request_timeout)
+
+    async def stop(self, now=False):
+        await super().stop(now)
+        try:
+            await asyncio.wait_for(self.api.delete_namespaced_secret(objects.server_secret_name(self.pod_name), self.namespace),
+                                   self.k8s_api_request_timeout)
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     # -- fail fast -----------------------------------------------------------------------------
     async def _timed(self, coro):
@@ -225,7 +275,38 @@ class ProjectKubeSpawner(ProjectSpawnerMixin, KubeSpawner):
         ]
         return f" by {', '.join(sorted(names))}" if names else ""
 
+    async def project_missing(self, project: str) -> str | None:
+        """What the cluster still lacks for ``project`` (None: set up). The hub may read the
+        project's quota only once the controller has bound its role there, its last step."""
+        ns = objects.namespace_for(project)
+        try:
+            await self._timed(self.api.read_namespaced_resource_quota("labyard-quota", ns))
+            return None
+        except ApiException as e:
+            if e.status not in (403, 404):
+                raise
+            return (f"namespace {ns} (or its quota, or the hub's rights in it) does not exist yet "
+                    f"(Kubernetes said {e.status} {e.reason})")
+        except asyncio.TimeoutError:
+            return f"the Kubernetes API did not answer within {self.capacity_check_timeout:g}s"
+
+    async def wait_project_ready(self) -> None:
+        """Wait up to ``project_ready_timeout`` for the project controller; raise 503 saying what is missing."""
+        project = self.project.name
+        deadline = asyncio.get_running_loop().time() + self.project_ready_timeout
+        while (missing := await self.project_missing(project)) is not None:
+            if asyncio.get_running_loop().time() > deadline:
+                raise SpawnException(
+                    f"Project {project!r} is not set up in the cluster yet: {missing}. The project controller "
+                    f"creates it shortly after the group appears in LDAP; try again in a minute, and if this "
+                    f"persists ask an admin to check the labyard-controller log.",
+                    reason="project-not-ready", status_code=503,
+                )
+            self.log.info("waiting for the project controller to set up %s: %s", project, missing)
+            await asyncio.sleep(2)
+
     async def _start(self):
+        await self.wait_project_ready()
         await self.check_fits()
         return await super()._start()
 

@@ -1,11 +1,13 @@
 """The ``labyard-scheduler`` hub service: a tornado REST API over a scheduler backend.
 
 Every request is authenticated by the hub (OAuth cookie for browsers, ``Authorization: token``
-for scripts and for the JupyterLab server extension). The user's uid, gid and projects come from
-their auth_state (the service's role has ``read:users`` and ``admin:auth_state``), and every
-decision goes through the backend, which uses :func:`labyard_hub.projects.authorize`.
-Handlers are thin: parse -> pydantic model -> backend -> JSON. Errors are JSON ``{"message"}``.
-The API is documented in docs/admin/scheduler.md.
+for scripts and for the JupyterLab server extension). The user's uid, gid and current projects
+come from the hub (:class:`labyard_hub.access.HubIdentities`: the hub's groups, kept in step
+with LDAP; the service's role has ``read:users``, ``admin:auth_state`` and ``read:groups``), and
+every decision goes through the backend, which asks :class:`labyard_hub.access.Access`.
+Handlers are thin: parse -> pydantic model -> backend -> JSON. Errors are JSON ``{"message"}``:
+400 for anything malformed (never a 500), 403 not allowed, 404 unknown id, 409 the schedule's
+state forbids it, 413 body too large. The API is documented in docs/admin/scheduler.md.
 
 Run by the hub as a managed service: ``python -m labyard_hub.scheduler.app`` (it reads the
 installation's settings from ``$LABYARD_SETTINGS`` and its address from the hub's environment).
@@ -18,59 +20,86 @@ import json
 import logging
 import os
 import signal
-import time
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
 from pydantic import BaseModel, ValidationError
 from tornado import web
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from ..projects import AccessError, Identity, ProjectPolicy
-from .backend import Backend, BadRequest, NotFound
-from .models import RunCreate, ScheduleCreate, ScheduleUpdate
+from .. import isolation
+from ..access import Access, AccessError, Identities, HubIdentities, IdentityUnavailable
+from ..projects import Identity, validation_message
+from .backend import Backend, BadRequest, Conflict, NotFound, Unavailable
+from .models import RunCreate, ScheduleCreate, ScheduleUpdate, check_notebook_path
 from .params import ParameterError
 
 log = logging.getLogger("labyard.scheduler")
 
-
-def _validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(x) for x in err.get("loc", ())) or "body"
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
+#: JSON nested deeper than this is refused (a notebook is far shallower)
+MAX_JSON_DEPTH = 100
+#: a body up to this size is read (and dropped) before the 413, so that proxies in front see
+#: an answer, not a connection closed while they were still sending; beyond it the connection closes
+DISCARD_LIMIT = 1024**3
 
 
-class IdentityCache:
-    """The user's Identity from their auth_state on the hub, kept for ``max_age`` seconds."""
-
-    def __init__(self, api_url: str, token: str, max_age: float = 30):
-        self.api_url = api_url
-        self.token = token
-        self.max_age = max_age
-        self._cache: dict[str, tuple[float, Identity]] = {}
-
-    async def get(self, name: str) -> Identity:
-        hit = self._cache.get(name)
-        if hit and time.monotonic() - hit[0] < self.max_age:
-            return hit[1]
-        req = HTTPRequest(url_path_join(self.api_url, "users", name), headers={"Authorization": f"token {self.token}"},
-                          request_timeout=10)
-        try:
-            resp = await AsyncHTTPClient().fetch(req)
-        except HTTPClientError as e:
-            raise web.HTTPError(502, f"cannot read {name}'s identity from the hub: {e}") from e
-        model = json.loads(resp.body)
-        identity = Identity.from_auth_state(name, model.get("auth_state"), admin=bool(model.get("admin")))
-        self._cache[name] = (time.monotonic(), identity)
-        return identity
+def json_depth(data) -> int:
+    """How deeply ``data`` (parsed JSON) nests lists and objects, without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((x, depth + 1) for x in item if isinstance(x, (dict, list)))
+    return deepest
 
 
+def parse_json(raw: bytes) -> object:
+    """A request body as JSON; BadRequest saying what is wrong with it."""
+    try:
+        data = json.loads(raw or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body is not JSON: {e}") from e
+    except RecursionError as e:
+        raise BadRequest(f"body is nested deeper than {MAX_JSON_DEPTH} levels") from e
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise BadRequest(f"body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+@web.stream_request_body
 class APIHandler(HubOAuthenticated, web.RequestHandler):
+    """Base of the API handlers: JSON errors, the caller's identity, bodies with a size limit.
+
+    Bodies are streamed: up to ``max_body_bytes`` is kept; a larger one is read to its end
+    (up to :data:`DISCARD_LIMIT`) without being kept, and answered 413.
+    """
+
     hub_auth_class = HubOAuth
+
+    def prepare(self):
+        self._chunks: list[bytes] | None = []
+        self._size = 0
+        limit = self.settings["max_body_bytes"]
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > DISCARD_LIMIT:
+            raise web.HTTPError(413, f"body of {length} bytes is larger than {limit} bytes")
+        self.request.connection.set_max_body_size(DISCARD_LIMIT)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._chunks is not None and self._size <= self.settings["max_body_bytes"]:
+            self._chunks.append(chunk)
+        else:
+            self._chunks = None
+
+    @property
+    def raw_body(self) -> bytes:
+        if self._chunks is None:
+            raise web.HTTPError(413, f"body of {self._size} bytes is larger than {self.settings['max_body_bytes']} bytes")
+        return b"".join(self._chunks)
 
     @property
     def backend(self) -> Backend:
@@ -94,17 +123,18 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
         self.finish(json.dumps({"message": message, "status": status_code}))
 
     async def identity(self) -> Identity:
-        return await self.settings["identities"].get(self.current_user["name"])
+        try:
+            return await self.settings["identities"].get(self.current_user["name"])
+        except IdentityUnavailable as e:
+            raise web.HTTPError(502, f"cannot read {self.current_user['name']}'s identity from the hub: {e}") from e
 
     def body(self, model: type[BaseModel]) -> BaseModel:
-        try:
-            data = json.loads(self.request.body or b"{}")
-        except json.JSONDecodeError as e:
-            raise web.HTTPError(400, f"body is not JSON: {e}") from e
+        """The body as ``model``: 413 if too large, 400 (naming the fields) if not what it must be."""
+        data = parse_json(self.raw_body)
         try:
             return model.model_validate(data)
-        except ValidationError as e:
-            raise web.HTTPError(400, _validation_message(e)) from e
+        except RecursionError as e:
+            raise BadRequest(f"body is nested deeper than {MAX_JSON_DEPTH} levels") from e
 
     def send(self, data, status: int = 200) -> None:
         self.set_status(status)
@@ -116,7 +146,9 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
 
 
 def api_errors(method):
-    """Map backend exceptions to JSON errors: AccessError -> its status, NotFound -> 404, bad input -> 400."""
+    """Map backend exceptions to JSON errors: AccessError -> its status, NotFound -> 404,
+    Conflict -> 409, bad input -> 400, Unavailable (e.g. the project namespace is not set up
+    yet) -> 503."""
 
     async def wrapper(self, *args, **kwargs):
         try:
@@ -125,10 +157,14 @@ def api_errors(method):
             raise web.HTTPError(e.status, e.message.replace("%", "%%")) from e
         except NotFound as e:
             raise web.HTTPError(404, str(e).replace("%", "%%")) from e
+        except Conflict as e:
+            raise web.HTTPError(409, str(e).replace("%", "%%")) from e
         except ValidationError as e:
-            raise web.HTTPError(400, _validation_message(e).replace("%", "%%")) from e
+            raise web.HTTPError(400, validation_message(e).replace("%", "%%")) from e
         except (BadRequest, ParameterError) as e:
             raise web.HTTPError(400, str(e).replace("%", "%%")) from e
+        except Unavailable as e:
+            raise web.HTTPError(503, str(e).replace("%", "%%")) from e
 
     wrapper.__name__ = method.__name__
     return web.authenticated(wrapper)
@@ -198,10 +234,13 @@ class RunHandler(APIHandler):
         self.send(await self.backend.get_run(await self.identity(), rid))
 
 
-class RunOutputHandler(APIHandler):
+class RunNotebookHandler(APIHandler):
+    """``GET runs/{id}/output`` (the executed notebook) and ``runs/{id}/input`` (what it executed)."""
+
     @api_errors
-    async def get(self, rid):
-        data = await self.backend.run_output(await self.identity(), rid)
+    async def get(self, rid, which):
+        read = self.backend.run_output if which == "output" else self.backend.run_input
+        data = await read(await self.identity(), rid)
         self.set_header("Content-Type", "application/x-ipynb+json")
         self.finish(data)
 
@@ -233,8 +272,6 @@ class InspectHandler(APIHandler):
     async def post(self):
         req = self.body(InspectRequest)
         identity = await self.identity()
-        from .models import check_notebook_path
-
         try:
             notebook = check_notebook_path(req.notebook)
         except ValueError as e:
@@ -255,7 +292,8 @@ class WhoAmIHandler(APIHandler):
         self.send({"name": identity.username, "projects": identity.project_names, "admin": identity.admin})
 
 
-def make_app(backend: Backend, prefix: str, hub_api_url: str, token: str) -> web.Application:
+def make_app(backend: Backend, prefix: str) -> web.Application:
+    """The service's tornado application over ``backend`` (whose identity source it shares)."""
     api = url_path_join(prefix, "api")
     sid = r"([a-z0-9-]{1,64})"
     routes = [
@@ -265,7 +303,7 @@ def make_app(backend: Backend, prefix: str, hub_api_url: str, token: str) -> web
         (url_path_join(api, "schedules", sid, "runs") + "/?", ScheduleRunsHandler),
         (url_path_join(api, "runs") + "/?", RunsHandler),
         (url_path_join(api, "runs", sid) + "/?", RunHandler),
-        (url_path_join(api, "runs", sid, "output"), RunOutputHandler),
+        (url_path_join(api, "runs", sid, "(output|input)"), RunNotebookHandler),
         (url_path_join(api, "runs", sid, "log"), RunLogHandler),
         (url_path_join(api, "runs", sid, "cancel"), RunCancelHandler),
         (url_path_join(api, "inspect"), InspectHandler),
@@ -275,42 +313,51 @@ def make_app(backend: Backend, prefix: str, hub_api_url: str, token: str) -> web
     return web.Application(
         routes,
         backend=backend,
-        identities=IdentityCache(hub_api_url, token),
+        identities=backend.identities,
+        max_body_bytes=backend.limits.max_body_bytes,
         api_prefix=api,
         cookie_secret=os.urandom(32),
     )
 
 
-def backend_from_settings() -> Backend:
-    """The backend for this installation: Kubernetes when ``settings.kubernetes`` is set, else local."""
+def backend_from_settings(identities: Identities) -> Backend:
+    """The backend for this installation: Kubernetes when ``settings.kubernetes`` is set, else local.
+
+    Args:
+        identities: where users' current identities come from (the hub, in the service).
+    """
     from ..settings import Settings
 
+    from .tokens import RunTokens
+
     s = Settings.load()
-    policy = ProjectPolicy.from_yaml(s.policy_file) if s.policy_file else ProjectPolicy.model_validate(
-        {"flavors": {"default": {"display_name": "Default"}}})
+    access = Access.from_settings(s)
     data_dir = s.data_dir / "scheduler"
+    # runs log to MLflow through the gate, as their owner (tokens for MLflow only)
+    mlflow = {"mlflow_url": s.mlflow_gated_uri, "run_tokens": RunTokens.from_env() if s.mlflow_url else None}
     k = s.kubernetes
+    common = {"identities": identities, "limits": s.scheduler, **mlflow}
     if k is not None:
         from .kube import KubernetesBackend
 
         kubeconfig = k.scheduler_kubeconfig or k.kubeconfig
-        return KubernetesBackend(policy, data_dir, image=k.image, kubeconfig=str(kubeconfig) if kubeconfig else None,
-                                 extra_labels=k.pod_labels, mlflow_url=s.mlflow_url)
+        return KubernetesBackend(access, data_dir, image=k.image, kubeconfig=str(kubeconfig) if kubeconfig else None,
+                                 extra_labels=k.pod_labels, **common)
     from .local import LocalBackend
 
-    # local processes get no GPU isolation: like the local spawner, offer CPU flavours only
-    cpu_only = [f for f in policy.flavors.values() if f.gpus == 0]
-    return LocalBackend(policy, data_dir, s.projects_dir, available_flavors=cpu_only, mlflow_url=s.mlflow_url)
+    # as root, runs execute as their owners (docs/admin/local.md)
+    return LocalBackend(access, data_dir, s.projects_dir, homes_dir=s.homes_dir, run_files_dir=s.run_files_dir,
+                        isolate=isolation.enabled(), **common)
 
 
 async def serve(backend: Backend | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s")
-    backend = backend or backend_from_settings()
+    backend = backend or backend_from_settings(HubIdentities(os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"]))
     url = urlparse(os.environ["JUPYTERHUB_SERVICE_URL"])
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/labyard-scheduler/")
     await backend.start()
-    app = make_app(backend, prefix, os.environ["JUPYTERHUB_API_URL"], os.environ["JUPYTERHUB_API_TOKEN"])
-    server = app.listen(url.port, address=url.hostname or "127.0.0.1", xheaders=True)
+    app = make_app(backend, prefix)
+    server = app.listen(url.port, address=url.hostname or "127.0.0.1", xheaders=True, max_body_size=DISCARD_LIMIT)
     log.info("labyard-scheduler listening on %s (%s backend)", url.geturl(), type(backend).__name__)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,14 +1,21 @@
-"""What every backend shares: authorization, parameter checks and snapshots.
+"""What every backend shares: authorization, parameter checks, snapshots and re-checks.
 
 A backend stores schedules and runs and executes runs; :class:`Backend` does everything that
 must be the same whatever executes the run, so that the local and the Kubernetes backends
 answer the same request in the same way:
 
-* every request is decided with :func:`labyard_hub.projects.authorize` (not a member of the
-  project: 403; flavour unknown or not allowed: 400);
-* schedules and runs are visible to the members of their project; only their owner (or a hub
-  admin) may change, run, cancel or delete them (403);
-* parameters are checked against the notebook's ``parameters`` cell (400 naming the problem).
+* every request is decided by :class:`labyard_hub.access.Access` (not a member of the
+  project: 403; flavour unknown or not allowed: 400; schedules and runs are visible to the
+  members of their project, and only their owner, or a hub admin, may change, run, cancel or
+  delete them);
+* a schedule that acts on its own is checked again at that moment, on its owner's current
+  identity (``identities.get(owner, fresh=True)``): at every cron time, and in a reconcile pass
+  every ``reconcile_interval`` seconds. If the owner left the project or the flavour is gone,
+  the schedule is paused with the reason (:attr:`Schedule.paused_reason`) and no run starts;
+  nothing resumes it but its owner (or an admin), and resuming is checked the same way (409);
+* parameters are checked against the notebook's ``parameters`` cell (400 naming the problem);
+* notebook snapshots that no schedule uses are deleted after ``snapshot_ttl`` seconds, and a
+  user keeps at most ``snapshots_per_user`` of them (the oldest go first).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..projects import AccessError, Flavor, Identity, ProjectPolicy, authorize
+from ..access import Access, AccessError, Identities, IdentityUnavailable
+from ..projects import Flavor, Identity
+from ..settings import SchedulerSettings
 from .models import Parameter, Run, RunCreate, Schedule, ScheduleCreate, ScheduleUpdate, new_id, now
 from .params import ParameterError, inspect_parameters, validate_parameters
 from .snapshots import SnapshotStore
@@ -35,60 +44,73 @@ class BadRequest(ValueError):
     """A request that cannot be carried out as sent (HTTP 400)."""
 
 
+class Unavailable(Exception):
+    """Something the request needs is not there yet, e.g. the project's namespace (HTTP 503)."""
+
+
+class Conflict(Exception):
+    """A request the schedule's current state forbids, e.g. resuming while its flavour is gone (HTTP 409)."""
+
+
 class Backend:
     """Base class of the scheduler backends.
+
+    Args:
+        access: the access rules (:class:`labyard_hub.access.Access`).
+        data_dir: the service's own state (snapshots; the local backend's database and runs).
+        projects_dir: local mode: the project directories.
+        mlflow_url: the tracking server runs log to.
+        identities: where users' current identities come from (:class:`HubIdentities` in the
+            service; tests pass a :class:`labyard_hub.access.StaticIdentities`).
+        limits: snapshot limits and the reconcile interval (:class:`SchedulerSettings`).
 
     Subclasses implement storage (``_save_schedule``, ``_load_schedule``, ``_list_schedules``,
     ``_delete_schedule``, ``_save_run``, ``_load_run``, ``_list_runs``) and execution
     (``_start_run``, ``_cancel_run``, ``_output``, ``_log``, and ``start``/``stop`` of any loop).
     """
 
-    def __init__(self, policy: ProjectPolicy, data_dir: Path, projects_dir: Path | None = None,
-                 available_flavors: list[Flavor] | None = None, mlflow_url: str | None = None):
-        self.policy = policy
+    def __init__(self, access: Access, data_dir: Path, projects_dir: Path | None = None, mlflow_url: str | None = None, *,
+                 identities: Identities, limits: SchedulerSettings | None = None):
+        self.access = access
+        self.policy = access.policy
+        self.identities = identities
+        self.limits = limits or SchedulerSettings()
         self.data_dir = Path(data_dir)
         self.projects_dir = Path(projects_dir) if projects_dir else None
-        self.available_flavors = available_flavors
         self.mlflow_url = mlflow_url
         self.snapshots = SnapshotStore(self.data_dir / "snapshots")
+        self._referenced: set[str] | None = None  # snapshots schedules use, as the last pass found them
+        self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        pass
+        """Start the periodic passes (reconcile, snapshot clean-up); subclasses first set up storage."""
+        self._tasks = [asyncio.create_task(self._every(self.limits.reconcile_interval, self.reconcile)),
+                       asyncio.create_task(self._every(60, self.clean_snapshots))]
 
     async def stop(self) -> None:
-        pass
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+
+    async def _every(self, seconds: float, job) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:
+                log.exception("scheduler: %s failed", job.__name__)
 
     # ---- checks ----------------------------------------------------------------------
-    def _flavors(self, project: str) -> list[Flavor]:
-        allowed = self.policy.allowed_flavors(project)
-        if self.available_flavors is not None:
-            names = {f.name for f in self.available_flavors}
-            allowed = [f for f in allowed if f.name in names]
-        return allowed
-
     def flavors_for(self, identity: Identity, project: str) -> list[Flavor]:
         """The flavours ``identity`` may choose for a run in ``project`` (403 if not a member)."""
-        authorize(identity, self.policy, project)
-        return self._flavors(project)
-
-    def _authorize(self, identity: Identity, project: str, flavor: str | None):
-        if flavor is None:
-            authorize(identity, self.policy, project)  # 403 before anything else
-            offered = self._flavors(project)
-            if not offered:
-                raise AccessError(400, f"no flavour is available to project {project!r}")
-            flavor = offered[0].name
-        return authorize(identity, self.policy, project, flavor, available=self._flavors(project))
-
-    def _visible(self, identity: Identity, project: str) -> None:
-        if identity.project(project) is None and not identity.admin:
-            raise AccessError(403, f"{identity.username} is not a member of project {project!r}")
-
-    def _may_change(self, identity: Identity, owner: str, project: str) -> None:
-        self._visible(identity, project)
-        if identity.username != owner and not identity.admin:
-            raise AccessError(403, f"only {owner} (the owner) may change this")
+        self.access.member(identity, project)
+        return self.access.flavors(project)
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -111,25 +133,73 @@ class Backend:
     async def parameters_of(self, identity: Identity, project: str, notebook: str,
                             content: dict[str, Any] | None = None) -> tuple[str, list[Parameter]]:
         """Snapshot a notebook and inspect its parameters; returns (sha256, parameters)."""
-        self._authorize(identity, project, None)
+        self.access.authorize(identity, project, None)
         try:
             if content is not None:
-                digest = await self._in_thread(self.snapshots.put_json, content)
+                digest = await self._in_thread(self.snapshots.put_json, content, identity.username)
             else:
                 raw = await self._in_thread(self._read_notebook, project, notebook)
-                digest = await self._in_thread(self.snapshots.put, raw)
+                digest = await self._in_thread(self.snapshots.put, raw, identity.username)
         except ValueError as e:
             raise BadRequest(f"notebook {notebook!r}: {e}") from e
+        await self._in_thread(self.snapshots.limit_owner, identity.username, self.limits.snapshots_per_user,
+                              await self._referenced_snapshots(), digest)
         try:
             specs = await self._in_thread(inspect_parameters, self.snapshots.path(digest))
         except Exception as e:  # papermill raises various errors on odd notebooks
             raise BadRequest(f"cannot read the parameters of {notebook!r}: {e}") from e
         return digest, specs
 
+    async def _referenced_snapshots(self, fresh: bool = False) -> set[str]:
+        """The snapshots schedules use (as the last clean-up pass found them, plus newer schedules)."""
+        if fresh or self._referenced is None:
+            self._referenced = {s.notebook_sha256 for s in await self._list_schedules(None)}
+        return self._referenced
+
+    async def clean_snapshots(self) -> list[str]:
+        """Delete snapshots no schedule uses that are older than ``snapshot_ttl``; returns their digests."""
+        referenced = await self._referenced_snapshots(fresh=True)
+        return await self._in_thread(self.snapshots.clean, referenced, self.limits.snapshot_ttl)
+
+    async def _owner_now(self, schedule: Schedule) -> tuple[Identity, str | None]:
+        """The schedule owner's current identity and why the schedule may not run now (None: it may).
+
+        Raises:
+            IdentityUnavailable: the hub could not say (nothing is decided; try again later).
+        """
+        owner = await self.identities.get(schedule.owner, fresh=True)
+        return owner, self.access.why_not(owner, schedule.project, schedule.flavor)
+
+    async def _pause(self, schedule: Schedule, reason: str) -> Schedule:
+        """Pause a schedule because of ``reason`` (shown with it); no run starts until it is resumed."""
+        log.warning("schedule %s of %s in %s paused: %s", schedule.id, schedule.owner, schedule.project, reason)
+        paused = schedule.model_copy(update={"paused": True, "paused_reason": reason, "next_run": None, "updated": now()})
+        await self._save_schedule(paused)
+        return paused
+
+    async def reconcile(self) -> list[Schedule]:
+        """One pass over every active cron schedule: pause those whose owner left the project or
+        whose flavour is gone. Resumes nothing. Returns the schedules it paused."""
+        paused = []
+        owners: dict[str, Identity] = {}
+        for s in await self._list_schedules(None):
+            if s.paused or not s.cron:
+                continue
+            try:
+                if s.owner not in owners:
+                    owners[s.owner] = await self.identities.get(s.owner, fresh=True)
+            except IdentityUnavailable as e:
+                log.warning("reconcile: cannot read %s's identity now (%s); checking again next pass", s.owner, e)
+                continue
+            reason = self.access.why_not(owners[s.owner], s.project, s.flavor)
+            if reason:
+                paused.append(await self._pause(s, reason))
+        return paused
+
     # ---- schedules -------------------------------------------------------------------
     async def create_schedule(self, identity: Identity, req: ScheduleCreate) -> tuple[Schedule, Run | None]:
         """Create a schedule; a run-once schedule (``cron`` null) starts its run at once."""
-        project, flavor = self._authorize(identity, req.project, req.flavor)
+        project, flavor = self.access.authorize(identity, req.project, req.flavor)
         digest, specs = await self.parameters_of(identity, req.project, req.notebook, req.notebook_content)
         params = validate_parameters(specs, req.parameters)
         t = now()
@@ -141,35 +211,38 @@ class Backend:
             last_fire=t if req.cron else None, run_as_uid=identity.uid, run_as_gid=project.gid,
         )
         schedule.next_run = schedule.next_fire(t)
-        await self._create_schedule(identity, schedule)
+        (await self._referenced_snapshots()).add(digest)
+        await self._save_schedule(schedule)
         run = None
         if not req.cron:
-            run = await self._new_run(identity, schedule, {}, "once")
+            run = await self._new_run(schedule, flavor, {}, "once")
         return schedule, run
 
-    async def _create_schedule(self, identity: Identity, schedule: Schedule) -> None:
-        await self._save_schedule(schedule)
-
     async def get_schedule(self, identity: Identity, schedule_id: str) -> Schedule:
-        schedule = await self._load_schedule(schedule_id)
+        schedule = await self._load_schedule(schedule_id, identity.project_names)
         if schedule is None:
             raise NotFound(f"no schedule {schedule_id!r}")
-        self._visible(identity, schedule.project)
+        self.access.may_see(identity, schedule.project)
         return schedule
 
     async def list_schedules(self, identity: Identity, project: str | None = None) -> list[Schedule]:
         if project is not None:
-            self._visible(identity, project)
-        projects = [project] if project else identity.project_names
-        return [s for s in await self._list_schedules(projects) if identity.admin or identity.project(s.project)]
+            self.access.may_see(identity, project)
+        visible = self.access.visible_projects(identity)
+        projects = [project] if project else (sorted(visible) if visible is not None else None)
+        return await self._list_schedules(projects)
 
     async def update_schedule(self, identity: Identity, schedule_id: str, upd: ScheduleUpdate) -> Schedule:
         schedule = await self.get_schedule(identity, schedule_id)
-        self._may_change(identity, schedule.owner, schedule.project)
+        self.access.may_change(identity, schedule.owner, schedule.project)
         changes = upd.model_dump(exclude_unset=True)
         if "flavor" in changes:
-            _, flavor = self._authorize(identity, schedule.project, changes["flavor"] or None)
+            _, flavor = self.access.authorize(identity, schedule.project, changes["flavor"] or None)
             changes["flavor"] = flavor.name
+        elif not schedule.paused and (gone := self.access.flavor_problem(schedule.project, schedule.flavor)):
+            await self._pause(schedule, f"the schedule's flavour is gone: {gone}")
+            raise Conflict(f"schedule {schedule_id} is paused, its flavour is gone: {gone}. "
+                           "Change its flavor (with this change), then resume it.")
         if "parameters" in changes:
             changes["parameters"] = validate_parameters(schedule.parameter_specs, changes["parameters"] or {})
         if "timezone" in changes and changes["timezone"] is None:
@@ -181,24 +254,37 @@ class Backend:
         updated = schedule.model_copy(update={**changes, "updated": t})
         if "cron" in changes or "timezone" in changes:
             updated.last_fire = t if updated.cron else None
+        if updated.next_fire(t) is None and updated.cron:
+            raise BadRequest(f"cron {updated.cron!r} never fires in timezone {updated.timezone}")
         updated.next_run = None if updated.paused else updated.next_fire(updated.last_fire or t)
         await self._save_schedule(updated)
         return updated
 
     async def set_paused(self, identity: Identity, schedule_id: str, paused: bool) -> Schedule:
+        """Pause or resume. Resuming checks the owner and the flavour again: 409 naming what is wrong."""
         schedule = await self.get_schedule(identity, schedule_id)
-        self._may_change(identity, schedule.owner, schedule.project)
+        self.access.may_change(identity, schedule.owner, schedule.project)
         t = now()
+        if not paused:
+            try:
+                _, reason = await self._owner_now(schedule)
+            except IdentityUnavailable as e:
+                raise Conflict(f"cannot check {schedule.owner}'s membership now: {e}") from e
+            if reason:
+                if not schedule.paused or schedule.paused_reason != reason:
+                    await self._pause(schedule, reason)
+                raise Conflict(f"schedule {schedule_id} stays paused: {reason}")
         # resuming does not fire the times that passed while paused
-        updated = schedule.model_copy(update={"paused": paused, "updated": t,
-                                              "last_fire": t if (schedule.cron and not paused) else schedule.last_fire})
+        updated = schedule.model_copy(update={
+            "paused": paused, "paused_reason": f"paused by {identity.username}" if paused else None, "updated": t,
+            "last_fire": t if (schedule.cron and not paused) else schedule.last_fire})
         updated.next_run = None if paused else updated.next_fire(t)
         await self._save_schedule(updated)
         return updated
 
     async def delete_schedule(self, identity: Identity, schedule_id: str) -> None:
         schedule = await self.get_schedule(identity, schedule_id)
-        self._may_change(identity, schedule.owner, schedule.project)
+        self.access.may_change(identity, schedule.owner, schedule.project)
         for run in await self._list_runs(schedule_id=schedule_id, projects=[schedule.project]):
             if not run.status.finished:
                 await self._cancel_run(run)
@@ -207,39 +293,47 @@ class Backend:
     # ---- runs ------------------------------------------------------------------------
     async def run_now(self, identity: Identity, schedule_id: str, req: RunCreate) -> Run:
         schedule = await self.get_schedule(identity, schedule_id)
-        self._may_change(identity, schedule.owner, schedule.project)
-        self._authorize(identity, schedule.project, schedule.flavor)  # membership/flavour may have changed
+        self.access.may_change(identity, schedule.owner, schedule.project)
+        self.access.member(identity, schedule.project)  # admins run only in their own projects
+        gone = self.access.flavor_problem(schedule.project, schedule.flavor)
+        if gone:
+            if schedule.cron and not schedule.paused:
+                await self._pause(schedule, f"the schedule's flavour is gone: {gone}")
+            raise Conflict(f"schedule {schedule_id} cannot run, its flavour is gone: {gone}. Change its flavor first.")
+        _, flavor = self.access.authorize(identity, schedule.project, schedule.flavor)
         overrides = validate_parameters(schedule.parameter_specs, req.parameters)
-        return await self._new_run(identity, schedule, overrides, "manual")
+        return await self._new_run(schedule, flavor, overrides, "manual")
 
-    async def _new_run(self, identity: Identity | None, schedule: Schedule, overrides: dict[str, Any], trigger: str) -> Run:
+    async def _new_run(self, schedule: Schedule, flavor: Flavor, overrides: dict[str, Any], trigger: str) -> Run:
+        """Record a run of ``schedule`` and start it (the caller has decided that it may run)."""
         run = Run(
             id=new_id("r"), schedule_id=schedule.id, owner=schedule.owner, project=schedule.project,
             notebook=schedule.notebook, notebook_sha256=schedule.notebook_sha256,
-            parameters={**schedule.parameters, **overrides}, flavor=schedule.flavor, trigger=trigger, created=now(),
+            parameters={**schedule.parameters, **overrides}, flavor=flavor.name, trigger=trigger, created=now(),
             timeout_seconds=schedule.timeout_seconds, retries=schedule.retries,
         )
         await self._save_run(run)
-        return await self._start_run(schedule, run)
+        return await self._start_run(schedule, run, flavor)
 
     async def get_run(self, identity: Identity, run_id: str) -> Run:
-        run = await self._load_run(run_id)
+        run = await self._load_run(run_id, identity.project_names)
         if run is None:
             raise NotFound(f"no run {run_id!r}")
-        self._visible(identity, run.project)
+        self.access.may_see(identity, run.project)
         return run
 
     async def list_runs(self, identity: Identity, schedule_id: str | None = None, project: str | None = None) -> list[Run]:
         if schedule_id:
             await self.get_schedule(identity, schedule_id)
         if project:
-            self._visible(identity, project)
-        runs = await self._list_runs(schedule_id=schedule_id, projects=None if identity.admin else identity.project_names)
-        return [r for r in runs if project is None or r.project == project]
+            self.access.may_see(identity, project)
+        visible = self.access.visible_projects(identity)
+        projects = [project] if project else (sorted(visible) if visible is not None else None)
+        return await self._list_runs(schedule_id=schedule_id, projects=projects)
 
     async def cancel_run(self, identity: Identity, run_id: str) -> Run:
         run = await self.get_run(identity, run_id)
-        self._may_change(identity, run.owner, run.project)
+        self.access.may_change(identity, run.owner, run.project)
         if run.status.finished:
             raise BadRequest(f"run {run_id} already {run.status.value}")
         return await self._cancel_run(run)
@@ -251,6 +345,14 @@ class Backend:
             raise NotFound(f"run {run_id} has no output notebook (yet)")
         return data
 
+    async def run_input(self, identity: Identity, run_id: str) -> bytes:
+        """The notebook a run executed (the snapshot taken when it was scheduled)."""
+        run = await self.get_run(identity, run_id)
+        try:
+            return await self._in_thread(self.snapshots.read, run.notebook_sha256)
+        except FileNotFoundError as e:
+            raise NotFound(f"the input notebook of run {run_id} is no longer stored") from e
+
     async def run_log(self, identity: Identity, run_id: str) -> str:
         run = await self.get_run(identity, run_id)
         return await self._log(run) or ""
@@ -259,7 +361,8 @@ class Backend:
     async def _save_schedule(self, schedule: Schedule) -> None:
         raise NotImplementedError
 
-    async def _load_schedule(self, schedule_id: str) -> Schedule | None:
+    async def _load_schedule(self, schedule_id: str, projects_first: list[str] = ()) -> Schedule | None:
+        """The schedule ``schedule_id`` in any project (``projects_first`` are searched first)."""
         raise NotImplementedError
 
     async def _list_schedules(self, projects: list[str] | None) -> list[Schedule]:
@@ -271,13 +374,13 @@ class Backend:
     async def _save_run(self, run: Run) -> None:
         raise NotImplementedError
 
-    async def _load_run(self, run_id: str) -> Run | None:
+    async def _load_run(self, run_id: str, projects_first: list[str] = ()) -> Run | None:
         raise NotImplementedError
 
     async def _list_runs(self, schedule_id: str | None = None, projects: list[str] | None = None) -> list[Run]:
         raise NotImplementedError
 
-    async def _start_run(self, schedule: Schedule, run: Run) -> Run:
+    async def _start_run(self, schedule: Schedule, run: Run, flavor: Flavor) -> Run:
         raise NotImplementedError
 
     async def _cancel_run(self, run: Run) -> Run:
@@ -294,4 +397,4 @@ def dumps(model) -> str:
     return json.dumps(model.model_dump(mode="json"))
 
 
-__all__ = ["Backend", "BadRequest", "NotFound", "ParameterError", "AccessError", "log", "dumps"]
+__all__ = ["Backend", "BadRequest", "Conflict", "NotFound", "ParameterError", "AccessError", "log", "dumps"]

@@ -10,6 +10,11 @@
   ``skip`` skips them; times more than ``grace`` seconds late count as missed.
 * Each run is ``python -m labyard_hub.scheduler.runner RUN_DIR`` in its own session: it keeps
   running while the service restarts, and its ``result.json`` is collected afterwards.
+* Isolation (``isolate``: the platform runs as root, docs/admin/local.md): the runner stays
+  the platform's, papermill and the kernel run as the owner's uid with the project's gid
+  (:mod:`labyard_hub.isolation`). A run's state (``<data dir>/runs/<id>``: spec, log, result)
+  is the platform's; its notebooks (``<run_files_dir>/<id>``: input, parameters, output,
+  record) are the owner's alone, and the service reads them without following links.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -24,10 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-from .backend import Backend, log
+from .. import isolation
+from ..access import AccessError, IdentityUnavailable, process_ids
+from ..isolation import RunAs
+from ..projects import Flavor, Identity, Project
+from .backend import Backend, BadRequest, log
 from .models import Run, RunStatus, Schedule, now
+from .tokens import RunTokens, TokenError
 
 #: environment variables a run inherits from the service (never its hub token)
+#: and the platform's session mark: a run outlives a restart of the service, not of `labyard up`
+#: (stopped with it, recorded as failed when the next start collects it: docs/admin/install.md)
+#: (not LABYARD_SESSION: a run in flight outlives a restart of the scheduler and of labyard up, by design)
 _KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "JUPYTER_PATH")
 
 
@@ -44,8 +58,15 @@ def _proc_start(pid: int) -> float | None:
 
 
 class LocalBackend(Backend):
-    def __init__(self, *args, tick: float = 1.0, grace: float = 60.0, **kwargs):
+    def __init__(self, *args, tick: float = 1.0, grace: float = 60.0, homes_dir: Path | None = None,
+                 run_files_dir: Path | None = None, isolate: bool = False, run_tokens: RunTokens | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run_tokens = run_tokens
+        if isolate and homes_dir is None:
+            raise ValueError("an isolating local backend needs the users' homes_dir")
+        self.homes_dir = Path(homes_dir) if homes_dir else None
+        self.run_files_dir = Path(run_files_dir) if run_files_dir else self.data_dir / "run-files"
+        self.isolate = isolate
         self.tick = tick
         self.grace = grace
         self.runs_dir = self.data_dir / "runs"
@@ -77,9 +98,10 @@ class LocalBackend(Backend):
             return self._db.execute(sql, args).fetchall()
 
     async def _save_schedule(self, s: Schedule) -> None:
+        self._run_as(s)  # an owner without uidNumber is refused (403) before anything is stored
         await self._sql(self._q, "INSERT OR REPLACE INTO schedules VALUES (?, ?, ?)", (s.id, s.project, s.model_dump_json()))
 
-    async def _load_schedule(self, schedule_id: str) -> Schedule | None:
+    async def _load_schedule(self, schedule_id: str, projects_first: list[str] = ()) -> Schedule | None:
         rows = await self._sql(self._q, "SELECT body FROM schedules WHERE id = ?", (schedule_id,))
         return Schedule.model_validate_json(rows[0][0]) if rows else None
 
@@ -98,7 +120,7 @@ class LocalBackend(Backend):
     async def _save_run(self, run: Run) -> None:
         await self._sql(self._q, "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?)", self._run_row(run))
 
-    async def _load_run(self, run_id: str) -> Run | None:
+    async def _load_run(self, run_id: str, projects_first: list[str] = ()) -> Run | None:
         rows = await self._sql(self._q, "SELECT body FROM runs WHERE id = ?", (run_id,))
         return Run.model_validate_json(rows[0][0]) if rows else None
 
@@ -119,15 +141,17 @@ class LocalBackend(Backend):
         await self._sql(self._connect)
         await self.tick_once()  # adopt runs left by a previous instance, handle missed times
         self._loop_task = asyncio.create_task(self._loop())
+        await super().start()
 
     async def stop(self) -> None:
-        """Stop the loop; runs in flight keep going and are collected by the next instance."""
+        """Stop the loops; runs in flight keep going and are collected by the next instance."""
         if self._loop_task:
             self._loop_task.cancel()
             try:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
+        await super().stop()
         if self._db is not None:
             await self._sql(self._db.close)
         self._db_thread.shutdown(wait=True)
@@ -144,6 +168,10 @@ class LocalBackend(Backend):
         async with self._lock:
             await self._collect()
             await self._fire_due()
+
+    async def reconcile(self) -> list[Schedule]:
+        async with self._lock:  # never between a cron time's check and its run
+            return await super().reconcile()
 
     # ---- cron ------------------------------------------------------------------------
     async def _fire_due(self) -> None:
@@ -163,8 +191,20 @@ class LocalBackend(Backend):
                 latest = following
             late = (t - latest).total_seconds() > self.grace
             fire = not late or s.missed_runs == "run_once"
+            if fire:
+                # the owner's membership and the flavour, now (not as they were when scheduled)
+                try:
+                    owner, reason = await self._owner_now(s)
+                except IdentityUnavailable as e:
+                    log.warning("schedule %s: cannot check %s now (%s); trying again", s.id, s.owner, e)
+                    continue  # the time stays due; past the grace it counts as missed
             s.last_fire = latest
             s.next_run = s.next_fire(latest)
+            if fire and reason:
+                await self._pause(s, reason)
+                continue
+            if fire:
+                s.run_as_uid, s.run_as_gid = owner.uid, owner.project(s.project).gid
             await self._save_schedule(s)
             if not fire:
                 log.info("schedule %s: skipping missed time %s (missed_runs: skip)", s.id, latest)
@@ -177,54 +217,108 @@ class LocalBackend(Backend):
                 for r in active:
                     await self._cancel_run(r)
             log.info("schedule %s: firing for %s%s", s.id, latest, " (missed)" if late else "")
-            await self._new_run(None, s, {}, "cron")
+            await self._new_run(s, self.access.flavor(s.flavor), {}, "cron")
 
     # ---- runs ------------------------------------------------------------------------
     def _run_dir(self, run: Run) -> Path:
         return self.runs_dir / run.id
 
-    async def _start_run(self, schedule: Schedule, run: Run) -> Run:
+    def _run_as(self, schedule: Schedule) -> RunAs | None:
+        """Who a run of ``schedule`` executes as (None: this service's user, when not isolated).
+
+        Raises:
+            AccessError: 403 when the owner had no uidNumber or the project no gidNumber.
+        """
+        if not self.isolate:
+            return None
+        uid, gid = process_ids(Identity(username=schedule.owner, uid=schedule.run_as_uid),
+                               Project(name=schedule.project, gid=schedule.run_as_gid))
+        return RunAs(schedule.owner, uid, gid, self._home(schedule.owner))
+
+    def _home(self, owner: str) -> Path:
+        assert self.homes_dir is not None
+        return self.homes_dir / owner
+
+    def _files(self, run: Run) -> Path:
+        """The run's notebooks (input, parameters, output, record): the owner's alone."""
+        return self.run_files_dir / run.id
+
+    def _prepare_run(self, run: Run, run_as: RunAs | None, spec: dict) -> None:
+        """Directories and files of a run, before any of its processes exists (in a thread)."""
+        isolation.prepare_project_dir(Path(spec["cwd"]), run_as.gid if run_as else None, isolate=run_as is not None)
+        if self.homes_dir is not None:
+            isolation.prepare_private_dir(self._home(run.owner), run_as)
         rdir = self._run_dir(run)
+        rdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.run_files_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        files = self._files(run)
+        if files.exists():  # a recorded run started again: whatever its owner's processes left goes
+            shutil.rmtree(files)
+        # written while the directory is still the platform's, handed over afterwards
+        isolation.prepare_private_dir(files, None)
+        shutil.copyfile(self.snapshots.path(run.notebook_sha256), spec["input"])
+        Path(spec["parameters_file"]).write_text(json.dumps(run.parameters))
+        for path in (spec["input"], spec["parameters_file"], files):
+            isolation.give(Path(path), run_as)
+        (rdir / "spec.json").write_text(json.dumps(spec))
+
+    async def _start_run(self, schedule: Schedule, run: Run, flavor: Flavor | None = None) -> Run:
+        try:
+            run_as = self._run_as(schedule)
+        except AccessError as e:
+            return await self._finish(run, {"status": "failed", "error": e.message})
+        rdir, files = self._run_dir(run), self._files(run)
         project_dir = self.project_dir(run.project)
-        project_dir.mkdir(parents=True, exist_ok=True)
-        rdir.mkdir(parents=True, exist_ok=True)
         env = {
             "LABYARD_USER": run.owner,
             "LABYARD_PROJECT": run.project,
             "LABYARD_PROJECT_DIR": str(project_dir),
             "LABYARD_FLAVOR": run.flavor,
+            "LABYARD_GPUS": str(getattr(self.policy.flavors.get(run.flavor), "gpus", 0)),
             "LABYARD_NOTEBOOK": run.notebook,
             "LABYARD_NOTEBOOK_SHA256": run.notebook_sha256,
             "LABYARD_SCHEDULE_ID": run.schedule_id,
             "LABYARD_RUN_ID": run.id,
             # the kernel side (MLflow autolog) writes {"mlflow_run_id": ...} here
-            "LABYARD_RUN_RECORD": str(rdir / "record.json"),
+            "LABYARD_RUN_RECORD": str(files / "record.json"),
         }
+        if self.homes_dir is not None:
+            env["HOME"] = str(self._home(run.owner))
         if self.mlflow_url:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_url
+            if self.run_tokens is not None:
+                # the run logs through the MLflow gate as its owner, with a token for MLflow only
+                seconds = run.timeout_seconds * (run.retries + 1) + 3600
+                try:
+                    env["MLFLOW_TRACKING_TOKEN"] = await self.run_tokens.for_run(run.owner, run.id, seconds)
+                except TokenError as e:
+                    log.warning("run %s: no MLflow token (%s); its records wait in the queue", run.id, e)
         spec = {
-            "input": str(self.snapshots.path(run.notebook_sha256)),
-            "output": str(rdir / "output.ipynb"),
-            "parameters": run.parameters,
+            "input": str(files / "input.ipynb"),
+            "output": str(files / "output.ipynb"),
+            "parameters_file": str(files / "parameters.json"),
             "cwd": str(project_dir),
             "env": env,
             "timeout_seconds": run.timeout_seconds,
             "retries": run.retries,
             "log": str(rdir / "log.txt"),
+            "run_as": run_as.to_json() if run_as else None,
         }
-        (rdir / "spec.json").write_text(json.dumps(spec))
+        await self._in_thread(self._prepare_run, run, run_as, spec)
         base_env = {k: os.environ[k] for k in _KEEP_ENV if k in os.environ}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "labyard_hub.scheduler.runner", str(rdir),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=open(rdir / "runner.err", "ab"), env=base_env, cwd=str(project_dir), start_new_session=True,
-        )
+        with open(rdir / "runner.err", "ab") as err:  # the child has its own copy; ours is closed at once
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "labyard_hub.scheduler.runner", str(rdir),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=err, env=base_env, cwd=str(rdir), start_new_session=True,
+            )
         self._children[run.id] = proc
         asyncio.get_running_loop().create_task(self._reap(run.id, proc))
         run = run.model_copy(update={"status": RunStatus.running, "started": now(), "pid": proc.pid,
                                      "pid_started": _proc_start(proc.pid)})
         await self._save_run(run)
-        log.info("run %s of schedule %s started (pid %d)", run.id, run.schedule_id, proc.pid)
+        log.info("run %s of schedule %s started (pid %d%s)", run.id, run.schedule_id, proc.pid,
+                 f"; as uid {run_as.uid}, gid {run_as.gid}" if run_as else "")
         return run
 
     async def _reap(self, run_id: str, proc: asyncio.subprocess.Process) -> None:
@@ -298,9 +392,21 @@ class LocalBackend(Backend):
             return await self._finish(run, data)
         return await self._finish(run, {"status": "cancelled", "error": "cancelled"})
 
+    def _owner(self, run: Run) -> RunAs | None:
+        """Who the run executed as (from its spec), to read what its processes wrote."""
+        try:
+            return RunAs.from_json(json.loads((self._run_dir(run) / "spec.json").read_text()).get("run_as"))
+        except (OSError, ValueError):
+            return None
+
     async def _output(self, run: Run) -> bytes | None:
-        path = self._run_dir(run) / "output.ipynb"
-        return await self._in_thread(path.read_bytes) if path.exists() else None
+        def read() -> bytes | None:
+            try:
+                return isolation.read_user_file(self._files(run) / "output.ipynb", self._owner(run))
+            except PermissionError as e:
+                raise BadRequest(f"run {run.id}: its output notebook cannot be served: {e}") from e
+
+        return await self._in_thread(read)
 
     async def _log(self, run: Run) -> str | None:
         path = self._run_dir(run) / "log.txt"

@@ -6,16 +6,17 @@ timetable (cron + timezone, or run-once); a *run* is one papermill execution of 
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..projects import PROJECT_NAME_RE
+from ..projects import ProjectName
 
 
 def now() -> datetime:
@@ -43,12 +44,25 @@ ConcurrencyPolicy = Literal["allow", "forbid", "replace"]
 MissedRunsPolicy = Literal["skip", "run_once"]
 
 
+#: one cron field as both croniter and Kubernetes' CronJob controller read it: numbers or
+#: names, ranges, steps and lists (no L, W, #, ? or H extensions)
+_CRON_ITEM = r"(\*|([0-9]+|[a-z]{3})(-([0-9]+|[a-z]{3}))?)(/[0-9]+)?"
+_CRON_FIELD = re.compile(rf"^{_CRON_ITEM}(,{_CRON_ITEM})*$")
+
+
 def check_cron(expr: str | None) -> str | None:
+    """A 5-field cron expression that fires at least once; ValueError saying what is wrong."""
     if expr is None:
         return None
-    expr = " ".join(expr.split())
-    if len(expr.split(" ")) != 5 or not croniter.is_valid(expr):
-        raise ValueError(f"invalid cron expression {expr!r}: expected 5 fields, e.g. '0 3 * * *'")
+    expr = " ".join(expr.lower().split())
+    fields = expr.split(" ")
+    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields) or not croniter.is_valid(expr):
+        raise ValueError(f"invalid cron expression {expr!r}: expected 5 fields of numbers, names, ranges (1-5), "
+                         "steps (*/15) and lists (1,3), e.g. '0 3 * * *'")
+    try:
+        croniter(expr, now()).get_next(datetime)
+    except CroniterBadDateError as e:
+        raise ValueError(f"cron expression {expr!r} never fires (no such date, e.g. 30 February)") from e
     return expr
 
 
@@ -74,7 +88,7 @@ class _In(BaseModel):
 class ScheduleCreate(_In):
     """``POST schedules``."""
 
-    project: str
+    project: ProjectName
     notebook: str = Field(description="path of the notebook inside the project")
     notebook_content: dict[str, Any] | None = Field(
         None, description="the notebook (nbformat JSON) as it is now; read from the project directory when absent")
@@ -102,13 +116,6 @@ class ScheduleCreate(_In):
     @classmethod
     def _nb(cls, v: str) -> str:
         return check_notebook_path(v)
-
-    @field_validator("project")
-    @classmethod
-    def _project(cls, v: str) -> str:
-        if not PROJECT_NAME_RE.match(v):
-            raise ValueError(f"invalid project name {v!r}")
-        return v
 
 
 class ScheduleUpdate(_In):
@@ -168,6 +175,9 @@ class Schedule(BaseModel):
     concurrency: ConcurrencyPolicy = "forbid"
     missed_runs: MissedRunsPolicy = "run_once"
     paused: bool = False
+    paused_reason: str | None = Field(
+        None, description="why the schedule is paused: who paused it, or what the scheduler found (owner left the "
+                          "project, flavour gone); shown to the owner and the project")
     run_as_uid: int | None = Field(None, description="the owner's uidNumber when scheduled (runs execute as it)")
     run_as_gid: int | None = Field(None, description="the project's gidNumber when scheduled")
     created: datetime
@@ -180,8 +190,10 @@ class Schedule(BaseModel):
         if not self.cron:
             return None
         tz = ZoneInfo(self.timezone)
-        it = croniter(self.cron, after.astimezone(tz))
-        return it.get_next(datetime).astimezone(timezone.utc)
+        try:
+            return croniter(self.cron, after.astimezone(tz)).get_next(datetime).astimezone(timezone.utc)
+        except CroniterBadDateError:  # never again (refused when scheduled; kept safe for old records)
+            return None
 
 
 class Run(BaseModel):

@@ -9,8 +9,11 @@ SIGTERM cancels the run.
 The same module parses a papermill output notebook (:func:`failure_from_output`) for the
 Kubernetes backend, whose pods run papermill themselves.
 
-spec.json: ``input`` and ``output`` notebook paths, ``parameters``, ``cwd``, ``env`` (added to
-the environment), ``timeout_seconds``, ``retries``, ``kernel`` (optional), ``log`` path.
+spec.json: ``input`` and ``output`` notebook paths, ``parameters_file`` (JSON), ``cwd``, ``env``
+(added to the environment), ``timeout_seconds``, ``retries``, ``kernel`` (optional), ``log``
+path, ``run_as`` (optional: papermill and its kernel run as that user through the launcher of
+:mod:`labyard_hub.isolation`, while the runner stays the platform's; what they write is read
+back without following links).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..isolation import RunAs, read_user_file
+
+
 def papermill_command(env: dict[str, str]) -> list[str]:
     """papermill, through Labyard's MLflow wrapper (one MLflow run per scheduled run, with the
     parameters as params and both notebooks as artifacts) when an MLflow server is configured."""
@@ -31,6 +37,9 @@ def papermill_command(env: dict[str, str]) -> list[str]:
         return [sys.executable, "-m", "labyard_lab.autolog.papermill"]
     return [sys.executable, "-m", "papermill", "--no-progress-bar"]
 
+
+#: the papermill engine of isolated runs: kernel channels encrypted (labyard_hub.scheduler.engine)
+ISOLATED_ENGINE = "labyard"
 
 #: papermill's own cells, not part of the notebook the user wrote
 _PAPERMILL_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
@@ -46,15 +55,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def failure_from_output(output: Path) -> tuple[int | None, str | None]:
+def failure_from_output(output: Path, owner: RunAs | None = None) -> tuple[int | None, str | None]:
     """The failing cell of a papermill output notebook: (index in the user's notebook, "Name: value").
 
     A cell that raised gives its error; failing that, the cell papermill was still running
-    (a timeout or a killed kernel) gives ``(index, None)``.
+    (a timeout or a killed kernel) gives ``(index, None)``. ``owner``: who wrote it.
     """
     try:
-        nb = json.loads(output.read_text())
-    except (OSError, json.JSONDecodeError):
+        nb = json.loads(read_user_file(output, owner) or b"{}")
+    except (OSError, ValueError):
         return None, None
     index, running = 0, None
     for cell in nb.get("cells", []):
@@ -77,6 +86,7 @@ class Runner:
     def __init__(self, run_dir: Path):
         self.dir = run_dir
         self.spec = json.loads((run_dir / "spec.json").read_text())
+        self.run_as = RunAs.from_json(self.spec.get("run_as"))
         self.child: subprocess.Popen | None = None
         self.cancelled = False
 
@@ -98,17 +108,20 @@ class Runner:
     def attempt(self, n: int, log) -> tuple[int, bool]:
         """One papermill execution; returns (exit code, timed out)."""
         spec = self.spec
-        params = self.dir / "parameters.json"
-        params.write_text(json.dumps(spec.get("parameters", {})))
-        argv = [*papermill_command(spec.get("env", {})), spec["input"], spec["output"], "-f", str(params),
+        argv = [*papermill_command(spec.get("env", {})), spec["input"], spec["output"], "-f", spec["parameters_file"],
                 "--cwd", spec["cwd"], "--log-output", "--request-save-on-cell-execute"]
         if spec.get("kernel"):
             argv += ["--kernel", spec["kernel"]]
-        log.write(f"--- attempt {n} at {_now()}: {' '.join(argv)}\n")
+        log.write(f"--- attempt {n} at {_now()}: {' '.join(argv)}"
+                  + (f" (as uid {self.run_as.uid}, gid {self.run_as.gid})" if self.run_as else "") + "\n")
         log.flush()
         env = {**os.environ, **spec.get("env", {}), "LABYARD_RUN_ATTEMPT": str(n), "PYTHONUNBUFFERED": "1"}
+        cwd = spec["cwd"]
+        if self.run_as is not None:  # the launcher enters cwd as the user
+            argv = self.run_as.command([*argv, "--engine", ISOLATED_ENGINE], cwd)
+            env, cwd = self.run_as.environment(env), "/"
         self.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, cwd=spec["cwd"], start_new_session=True)
+                                      env=env, cwd=cwd, start_new_session=True)
         try:
             return self.child.wait(spec["timeout_seconds"]), False
         except subprocess.TimeoutExpired:
@@ -126,7 +139,7 @@ class Runner:
             for n in range(1, retries + 2):
                 write_json(self.dir / "state.json", {"status": "running", "attempt": n, "started": started, "pid": os.getpid()})
                 code, timed_out = self.attempt(n, log)
-                failed_cell, error = (None, None) if code == 0 else failure_from_output(Path(spec["output"]))
+                failed_cell, error = (None, None) if code == 0 else failure_from_output(Path(spec["output"]), self.run_as)
                 if timed_out:
                     error = f"timed out after {spec['timeout_seconds']}s" + (f" (in cell {failed_cell})" if failed_cell is not None else "")
                 result.update(attempts=n, exit_code=code, failed_cell=failed_cell, error=error)
@@ -143,11 +156,10 @@ class Runner:
                 log.write(f"--- attempt {n} failed: {error}\n")
             log.write(f"--- {result['status']} at {_now()}\n")
         record = Path(spec.get("env", {}).get("LABYARD_RUN_RECORD", self.dir / "record.json"))
-        if record.exists():
-            try:
-                result["mlflow_run_id"] = json.loads(record.read_text()).get("mlflow_run_id")
-            except (OSError, json.JSONDecodeError):
-                pass
+        try:
+            result["mlflow_run_id"] = json.loads(read_user_file(record, self.run_as) or b"{}").get("mlflow_run_id")
+        except (OSError, ValueError, AttributeError):
+            pass
         result["finished"] = _now()
         write_json(self.dir / "result.json", result)
         return 0 if result["status"] == "succeeded" else 1

@@ -9,7 +9,8 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Instance, Unicode, default
 from traitlets.config import Configurable
 
-from ..projects import AccessError, Flavor, Identity, Project, ProjectPolicy, authorize
+from ..access import Access, AccessError, load_policy
+from ..projects import Flavor, Identity, Project, ProjectPolicy
 
 _templates = Environment(
     loader=FileSystemLoader(Path(__file__).parent.parent / "templates"), autoescape=select_autoescape()
@@ -20,7 +21,7 @@ class ProjectSpawnerMixin(Configurable):
     """Mixed into a Spawner: the server's name is a project of the user.
 
     Before anything starts, the server name and the requested flavour
-    (``user_options["flavor"]``) are checked with :func:`labyard_hub.projects.authorize`
+    (``user_options["flavor"]``) are checked with :meth:`labyard_hub.access.Access.authorize`
     on the hub: a project the user is not a member of gives 403, a flavour the project does not
     allow gives 400, whatever the browser sent.
     """
@@ -38,9 +39,14 @@ class ProjectSpawnerMixin(Configurable):
 
     @default("policy")
     def _policy_default(self) -> ProjectPolicy:
-        if self.policy_file:
-            return ProjectPolicy.from_yaml(self.policy_file)
-        return ProjectPolicy.model_validate({"flavors": {"default": {"display_name": "Default"}}})
+        return load_policy(self.policy_file)
+
+    #: whether this spawner offers flavours with GPUs (see LocalProjectSpawner.allow_gpu_flavors)
+    offers_gpus = True
+
+    @property
+    def access(self) -> Access:
+        return Access(self.policy, gpus=self.offers_gpus)
 
     #: set by run_auth_state_hook before start
     identity: Identity | None = None
@@ -62,8 +68,8 @@ class ProjectSpawnerMixin(Configurable):
         return lambda spawner, user_options: None
 
     def offered_flavors(self, project: str) -> list[Flavor]:
-        """Flavours to offer for a project (subclasses narrow this, e.g. local mode has no GPUs)."""
-        return self.policy.allowed_flavors(project)
+        """Flavours to offer for a project, as :class:`labyard_hub.access.Access` decides."""
+        return self.access.flavors(project)
 
     async def flavor_notes(self, project: str, flavors: list[Flavor]) -> dict[str, str]:
         """A note shown beside each flavour in the form (e.g. free GPUs); none by default."""
@@ -109,11 +115,8 @@ class ProjectSpawnerMixin(Configurable):
         flavor = (self.user_options or {}).get("flavor")
         if flavor is not None and not isinstance(flavor, str):
             raise SpawnException(f"flavor must be a string, not {flavor!r}", reason="flavor", status_code=400)
-        offered = self.offered_flavors(self.name)
-        if flavor is None:
-            flavor = offered[0].name if offered else ""
         try:
-            self.project, self.flavor = authorize(identity, self.policy, self.name, flavor, available=offered)
+            self.project, self.flavor = self.access.authorize(identity, self.name, flavor)
         except AccessError as e:
             raise SpawnException(e.message, reason="project" if e.status == 403 else "flavor", status_code=e.status) from e
 
@@ -122,9 +125,11 @@ class ProjectSpawnerMixin(Configurable):
         return super().run_pre_spawn_hook()
 
     def project_environment(self) -> dict[str, str]:
-        """Environment every server of a project gets."""
+        """Environment every server of a project gets (``LABYARD_GPUS``: the flavour's GPUs, which
+        turns MLflow system metrics on in its kernels)."""
         assert self.project and self.flavor
-        return {"LABYARD_PROJECT": self.project.name, "LABYARD_FLAVOR": self.flavor.name}
+        return {"LABYARD_PROJECT": self.project.name, "LABYARD_PROJECT_DISPLAY_NAME": self.project.label,
+                "LABYARD_FLAVOR": self.flavor.name, "LABYARD_GPUS": str(self.flavor.gpus)}
 
     def get_state(self):
         """Also record the flavour and its GPUs, for the GPU-aware idle culler and admins."""
