@@ -189,7 +189,7 @@ async def _round(url: str, users: list[str]) -> dict:
             "login_max_s": round(times[-1], 3)}
 
 
-def measure(ctx, hub: Hub, proxy_conn, delay: float) -> dict:
+def measure(ctx, hub: Hub, proxy_conn, delay: float, profile: Path | None = None) -> dict:
     proxy_conn.send(delay)
     proxy_conn.recv()
     asyncio.run(_round(hub.url, USERS))  # warm up: users exist in the hub, connections are open
@@ -201,9 +201,19 @@ def measure(ctx, hub: Hub, proxy_conn, delay: float) -> dict:
     hub_process = psutil.Process(hub.hub_pid())
     cpu = hub_process.cpu_times()
     load = os.getloadavg()[0]
+    spy = None
+    if profile:  # py-spy (not a dependency: pip install py-spy) samples the hub during the round
+        profile.mkdir(parents=True, exist_ok=True)
+        out = profile / f"hub-{delay * 1000:.0f}ms.txt"
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(hub_process.pid), "--rate", "500", "--format", "raw",
+                                "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
     begin = time.time()
     result = asyncio.run(_round(hub.url, USERS))
     end = time.time()
+    if spy:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
     used = hub_process.cpu_times()
     result["hub_cpu_ms_per_login"] = round((used.user + used.system - cpu.user - cpu.system) / len(USERS) * 1000, 1)
     result["load_average"] = round(max(load, os.getloadavg()[0]), 1)
@@ -223,6 +233,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ldap_logins.json")
     parser.add_argument("--delays", type=float, nargs="+", default=list(DELAYS), help="seconds added to every LDAP answer")
     parser.add_argument("--only", choices=["labyard", "ldapauthenticator-2.0.2"], help="run one side only")
+    parser.add_argument("--profile", type=Path, help="write py-spy samples of the hub during each measured round here")
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -249,7 +260,7 @@ def main() -> None:
                 try:
                     for delay in args.delays:
                         key = f"{name} delay={delay * 1000:.0f}ms"
-                        report["runs"][key] = measure(ctx, hub, here, delay)
+                        report["runs"][key] = measure(ctx, hub, here, delay, args.profile)
                         print(key, json.dumps(report["runs"][key]), flush=True)
                 finally:
                     hub.stop()

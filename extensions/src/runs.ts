@@ -210,11 +210,17 @@ export class RunsPanel extends Widget {
   private compareButtons(run: IRun, runs: IRun[]): HTMLButtonElement[] {
     const compare = this.compare as CompareFn;
     const source = (r: IRun): DiffSource => ({ kind: 'mlflow', run_id: r.run_id });
+    // two scheduled runs: their executed notebooks (outputs included), not the snapshots they
+    // started from, which are the same notebook when only the parameters changed
+    const scheduled = (r: IRun) => r.tags['labyard.run_kind'] === 'scheduled';
+    const pair = (a: IRun, b: IRun): IDiffRequest => scheduled(a) && scheduled(b)
+      ? { base: { kind: 'mlflow', run_id: a.run_id, artifact: 'output' }, remote: { kind: 'mlflow', run_id: b.run_id, artifact: 'output' } }
+      : { base: source(a), remote: source(b) };
     const previous = previousRun(runs.map(r => ({ id: r.run_id, time: r.start_time, run: r })), run.run_id);
     const buttons: HTMLButtonElement[] = [];
     if (previous) {
       const b = el('button', { className: 'jp-Button labyard-runs-compare-previous', textContent: 'Compare with previous run' });
-      b.onclick = () => compare({ base: source(previous.run), remote: source(run) }, `${previous.run.name} vs ${run.name}`);
+      b.onclick = () => compare(pair(previous.run, run), `${previous.run.name} vs ${run.name}`);
       buttons.push(b);
     }
     const other = el('button', { className: 'jp-Button labyard-runs-compare-with', textContent: 'Compare with…' });
@@ -232,7 +238,7 @@ export class RunsPanel extends Widget {
       }
       const chosen = runs.find(r => r.run_id === select.value);
       if (chosen) {
-        compare({ base: source(chosen), remote: source(run) }, `${chosen.name} vs ${run.name}`);
+        compare(pair(chosen, run), `${chosen.name} vs ${run.name}`);
       } else if (this.notebook) {
         compare({ base: source(run), remote: { kind: 'path', path: this.notebook } }, `${run.name} vs ${this.notebook}`);
       }

@@ -4,6 +4,7 @@ checkpoints through the hub, and bob, from his vision server, refused everything
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import nbformat
@@ -69,6 +70,17 @@ def runs(stack):
     return {"vision-1": wait_recorded(alice, base, first.json()["run"]["id"]),
             "vision-2": wait_recorded(alice, base, second.json()["id"]),
             "nlp": wait_recorded(alice, base, nlp.json()["run"]["id"])}
+
+
+def _runs_of(stack: Stack, experiment: str) -> list[dict]:
+    """What MLflow holds for an experiment, for an assertion's message."""
+    api = stack.api("alice")
+    mlflow = f"{stack.url}/services/mlflow/api/2.0/mlflow"
+    exp = api.get(f"{mlflow}/experiments/get-by-name", params={"experiment_name": experiment}, timeout=30).json()["experiment"]
+    found = api.post(f"{mlflow}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}, timeout=30).json().get("runs", [])
+    return [{"id": r["info"]["run_id"], "status": r["info"]["status"], "start": r["info"]["start_time"],
+             "tags": {t["key"]: t["value"] for t in r["data"].get("tags", []) if t["key"].startswith(("labyard.", "mlflow.user"))}}
+            for r in found]
 
 
 class Lab:
@@ -144,9 +156,6 @@ def test_compare_output_with_input(runs, alice_vision):
     assert "trained with lr 0.1" in text and "injected-parameters" in text  # papermill's cell, added
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (issue 17): with three scheduled runs of one user at once, "
-                   "a run's output notebook sometimes never reaches MLflow although the run is FINISHED there "
-                   "with its metrics; reproduced on 2026-12-02 after the autolog/isolation/gate merges, not yet found")
 def test_mlflow_runs_and_a_run_against_the_current_notebook(runs, alice_vision):
     r = alice_vision.diff(mlflow_run(runs["vision-1"], "output"), mlflow_run(runs["vision-2"], "output"))
     assert r.status_code == 200, r.text
@@ -243,16 +252,34 @@ def test_compare_with_previous_run_in_chromium(stack, runs, alice_vision, browse
     mlflow_ids = {runs["vision-1"]["mlflow_run_id"], runs["vision-2"]["mlflow_run_id"]}
     compare = page.locator("#labyard-runs tr.labyard-runs-row .labyard-runs-compare-previous")
     compare.first.wait_for(timeout=120_000)
-    assert compare.count() == 1  # two runs: only the later one has a previous run
+    # two runs: only the later one has a previous run
+    assert compare.count() == 1, (page.locator("#labyard-runs").count(), page.locator("#labyard-runs tr.labyard-runs-row").count(),
+                                  _runs_of(stack, "vision/train.ipynb"))
     row_id = page.locator("#labyard-runs tr.labyard-runs-row", has=page.locator(".labyard-runs-compare-previous")).get_attribute("data-run-id")
     assert row_id in mlflow_ids
     compare.click()
     lr = page.locator(".labyard-diff:visible .labyard-diff-header-table[data-section=parameters] tr[data-name=lr]")
     lr.wait_for(timeout=180_000)
     assert {lr.locator(".labyard-diff-base").inner_text(), lr.locator(".labyard-diff-remote").inner_text()} == {"0.1", "0.5"}
-    # both runs started from the same snapshot of train.ipynb (papermill injected the parameters):
-    # nbdime's widget is there, every cell unchanged (hidden by "hide unchanged cells")
-    page.locator(".labyard-diff:visible .jp-Notebook-diff .jp-Cell-diff").first.wait_for(state="attached", timeout=120_000)
-    assert page.locator(".labyard-diff:visible .labyard-diff-summary").inner_text() == "The notebooks are identical."
+    # two scheduled runs: their output notebooks are compared (the snapshots they started from
+    # are the same notebook), so the cell whose output changed is below the header
+    changed = page.locator(".labyard-diff:visible .jp-Notebook-diff .jp-Cell-diff:not(.jp-Diff-unchanged)", has_text="trained with lr")
+    changed.first.wait_for(timeout=120_000)
+    text = changed.first.inner_text()
+    assert "accuracy 0.9" in text and "accuracy 0.5" in text
     page.screenshot(path=str(artifacts / "diff-mlflow-runs.png"), full_page=True)
+    # "Compare with…", the notebook now (the dialog's first choice): the run executed a snapshot
+    # of this very notebook, so nbdime's widget shows every cell unchanged
+    row = page.locator("#labyard-runs tr.labyard-runs-row", has=page.locator(".labyard-runs-compare-previous"))
+    row.locator(".labyard-runs-compare-with").click()
+    dialog = page.locator(".jp-Dialog")
+    assert dialog.locator(".labyard-compare-choice option").first.inner_text().startswith("The notebook now")
+    dialog.locator(".labyard-compare-choice").select_option("")
+    dialog.locator(".jp-Dialog-footer button.jp-mod-accept").click()
+    now = page.locator(".labyard-diff:visible", has=page.locator(".labyard-diff-side-remote", has_text=re.compile(r"^train\.ipynb$")))
+    now.locator(".labyard-diff-summary").wait_for(timeout=180_000)
+    assert now.locator(".labyard-diff-summary").inner_text() == "The notebooks are identical."
+    assert "run" in now.locator(".labyard-diff-side-base").inner_text()
+    now.locator(".jp-Notebook-diff .jp-Cell-diff").first.wait_for(state="attached", timeout=120_000)
+    page.screenshot(path=str(artifacts / "diff-run-vs-notebook.png"), full_page=True)
     page.close()

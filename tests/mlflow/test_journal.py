@@ -187,6 +187,56 @@ def test_replay_is_exactly_once_even_when_state_is_lost(mlflow_server, store):
     check()
 
 
+def test_no_syncer_finishes_a_held_run_before_its_owner_attached_everything(mlflow_server, tmp_path, monkeypatch):
+    """The papermill wrapper's race, seen with three scheduled runs of one user at once: the
+    kernel ends the run at exit, then the wrapper attaches the output notebook. Every process
+    of the user replays every store, so another run's syncer found the run over in between,
+    finished it on the server, and a finished run is never looked at again: the output
+    notebook stayed behind. A held store's runs are finished only once its owner releases it."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    queue = tmp_path / "queue"
+    path, owner = sync.new_store(queue, hold=True)
+    try:
+        c = client_for({"uri": journal.store_uri(path), "path": path})
+        rid = c.create_run(c.create_experiment("vision/held.ipynb")).info.run_id
+        c.log_metric(rid, "accuracy", 0.9)
+        c.set_terminated(rid)  # what the kernel's MLflow does at exit
+        journal.commit_all()
+        other = sync.Syncer(queue, mlflow_server.url)  # another process's: the owner lock is not its own
+        assert other.sync_all()
+        rs = json.loads((path / "sync-state.json").read_text())["runs"][rid]
+        remote = rs["remote_id"]
+        assert not rs.get("done")
+        assert mlflow_server.api("GET", "runs/get", params={"run_id": remote})["run"]["info"]["status"] == "RUNNING"
+        out = tmp_path / "held.ipynb"
+        out.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+        c.log_artifact(rid, str(out), "output")
+        sync.release(path)
+        assert other.sync_all()
+        run = mlflow_server.api("GET", "runs/get", params={"run_id": remote})["run"]
+        assert run["info"]["status"] == "FINISHED" and run["data"]["metrics"][0]["value"] == 0.9
+        assert mlflow_server.artifacts(remote, "output") == ["output/held.ipynb"]
+    finally:
+        owner.close()
+
+
+def test_a_held_store_whose_owner_died_is_finished(mlflow_server, tmp_path, monkeypatch):
+    """The hold lasts only as long as its owner: a wrapper killed before releasing leaves a
+    store the next syncer finishes."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    queue = tmp_path / "queue"
+    path, owner = sync.new_store(queue, hold=True)
+    c = client_for({"uri": journal.store_uri(path), "path": path})
+    rid = c.create_run(c.create_experiment("vision/held-dead.ipynb")).info.run_id
+    c.log_metric(rid, "accuracy", 0.5)
+    c.set_terminated(rid, "FAILED")
+    journal.commit_all()
+    owner.close()  # the owner is gone
+    assert sync.Syncer(queue, mlflow_server.url).sync_all()
+    found = mlflow_server.runs(mlflow_server.experiment("vision/held-dead.ipynb")["experiment_id"])
+    assert [(r["info"]["status"], r["data"]["metrics"][0]["value"]) for r in found] == [("FAILED", 0.5)]
+
+
 def test_a_record_the_server_refuses_is_skipped_and_the_rest_arrives(mlflow_server, store):
     """Two processes writing one run (a kernel and the script it started) log different values
     for one param: each journal took its own, the server keeps the first and refuses the other

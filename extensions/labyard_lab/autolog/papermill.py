@@ -87,7 +87,9 @@ def run(argv: list[str] | None = None) -> int:
     config.queue_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     sync.allow_local_store()
     sync.quiet_client_env()
-    store, owner = sync.new_store(config.queue_dir)
+    # held: the kernel ends "its" run at exit, before the output notebook is attached; no syncer
+    # (ours or another process's of this user) may finish the run on the server before that
+    store, owner = sync.new_store(config.queue_dir, hold=True)
     local = sync.local_env(store)
 
     from mlflow.tracking import MlflowClient
@@ -131,7 +133,6 @@ def run(argv: list[str] | None = None) -> int:
         monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=local["MLFLOW_TRACKING_URI"])
         monitor.start()
     syncer = sync.Syncer(config.queue_dir, remote, provenance.spool)
-    syncer.finish_runs = False  # the kernel ends "its" run at exit; the run is over when we say so
     syncer.start()  # metrics reach the server while the notebook runs
     status = "FINISHED"
     try:
@@ -156,8 +157,8 @@ def run(argv: list[str] | None = None) -> int:
     if out.exists():
         client.log_artifact(run_id, str(out), "output")
     client.set_terminated(run_id, status)
+    sync.release(store)
     syncer.stop(flush_seconds=0)
-    syncer.finish_runs = True
     deadline = time.monotonic() + args.sync_timeout
     remote_id = None
     while True:  # we still own the store, so the syncer does not remove it under us

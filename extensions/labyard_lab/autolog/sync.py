@@ -48,6 +48,10 @@ log = logging.getLogger("labyard.autolog")
 
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
 STATUS_FILE = "status.json"
+#: in a store while its owner has more to attach to runs that may already look over (the
+#: papermill wrapper: its kernel ends the run at exit, before the output notebook is logged);
+#: no syncer of any process finishes a run of a held store while its owner lives
+HOLD_FILE = "hold"
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -134,16 +138,25 @@ def quiet_client_env() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def new_store(queue_dir: Path) -> tuple[Path, Any]:
-    """Create this process's own store; return it and the held owner lock (keep it open)."""
+def new_store(queue_dir: Path, hold: bool = False) -> tuple[Path, Any]:
+    """Create this process's own store; return it and the held owner lock (keep it open).
+    ``hold``: no run of the store is finished on the server until :func:`release` (or until
+    this process is gone)."""
     store = queue_dir / "stores" / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     store.mkdir(parents=True)
     lock = open(store / "owner.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if hold:
+        (store / HOLD_FILE).touch()
     # only now does the store become visible to syncers (Syncer.stores lists stores with mlruns/):
     # one that saw it unowned would take it for a dead kernel's empty store and remove it
     (store / "mlruns").mkdir()
     return store, lock
+
+
+def release(store: Path) -> None:
+    """Everything of the held store's runs is recorded locally: syncers may finish them now."""
+    (store / HOLD_FILE).unlink(missing_ok=True)
 
 
 def _try_lock(path: Path):
@@ -174,9 +187,6 @@ class Syncer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pass_lock = threading.Lock()
-        #: False: send data, but leave every run's status RUNNING on the server (the papermill
-        #: wrapper, while its kernel may end the run before the output notebook is attached)
-        self.finish_runs = True
         #: entities per log_batch call: MLflow's limit, halved after every call that failed
         #: (a server too slow to answer a full batch in MLFLOW_HTTP_REQUEST_TIMEOUT still gets
         #: the queue in smaller pieces, each saved as sent), doubled after every one that worked
@@ -281,6 +291,9 @@ class Syncer:
 
         owner = _try_lock(store / "owner.lock")  # taken: the process that owned the store is gone
         try:
+            # read before any run's status: a store released after this point may have had
+            # artifacts attached after this pass listed them, so this pass finishes nothing
+            held = owner is None and (store / HOLD_FILE).exists()
             writers = owner is None or any(journal.writer_alive(p) for p in (store / journal.JOURNAL_DIR).glob("*.jsonl"))
             # runs first: remote run, provenance, params/tags it was created with, artifacts; their
             # status is read *before* the journals, so a run seen over has all its records in them
@@ -300,7 +313,7 @@ class Syncer:
                 if self._sync_run(local, run, rs, save):
                     over.append(run_id)
             at_end = self._sync_journals(store, state, remote_id, save, deadline)
-            if at_end and self.finish_runs:
+            if at_end and not held:
                 for run_id in over:
                     run = local.get_run(run_id)
                     self.remote.set_terminated(state["runs"][run_id]["remote_id"], status=run.info.status,
