@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -74,22 +75,26 @@ def _proxy_main(target_port: int, conn) -> None:
             conn.send(delay)
 
 
-def _probe_main(port: int, stop, out) -> None:
-    """GET /hub/health every 20 ms on one keep-alive connection; send (start, seconds) pairs."""
-    samples = []
+def _probe_main(port: int, ready, stop, out) -> None:
+    """GET /hub/health every 20 ms on one keep-alive connection; send (start, seconds) pairs.
+    ``ready`` is set once the first answer came (a spawned process takes seconds to import us)."""
+    samples, errors = [], []
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     while not stop.is_set():
         start = time.time()
         try:
             conn.request("GET", "/hub/health")
             conn.getresponse().read()
-        except OSError:
+        except OSError as e:
+            errors.append(repr(e))
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            time.sleep(0.02)
             continue
         samples.append((start, time.time() - start))
+        ready.set()
         time.sleep(0.02)
-    out.send(samples)
+    out.send((samples, errors[-3:]))
 
 
 # -- one whole hub ------------------------------------------------------------------------------
@@ -99,10 +104,14 @@ def _serve(data_dir: Path, port: int, config: Path, anchor_config: Path | None) 
 
     logging.basicConfig(level=logging.WARNING)
     p = Platform(data_dir, port, False, config)
-    p.prepare()
-    if anchor_config:
-        p.child("hub").argv[-1] = str(anchor_config)
-    return asyncio.run(p.run())
+    p.lock()  # as `labyard up` does: the data dir's lock and the session every child is tied to
+    try:
+        p.prepare()
+        if anchor_config:
+            p.child("hub").argv[-1] = str(anchor_config)
+        return asyncio.run(p.run())
+    finally:
+        p.unlock()
 
 
 class Hub:
@@ -193,10 +202,12 @@ def measure(ctx, hub: Hub, proxy_conn, delay: float, profile: Path | None = None
     proxy_conn.send(delay)
     proxy_conn.recv()
     asyncio.run(_round(hub.url, USERS))  # warm up: users exist in the hub, connections are open
-    stop = ctx.Event()
+    stop, ready = ctx.Event(), ctx.Event()
     receive, send = ctx.Pipe(duplex=False)
-    prober = ctx.Process(target=_probe_main, args=(hub.hub_port, stop, send))
+    prober = ctx.Process(target=_probe_main, args=(hub.hub_port, ready, stop, send), daemon=True)
     prober.start()
+    if not ready.wait(120):
+        raise RuntimeError(f"/hub/health on port {hub.hub_port} did not answer")
     time.sleep(1.0)
     hub_process = psutil.Process(hub.hub_pid())
     cpu = hub_process.cpu_times()
@@ -205,7 +216,8 @@ def measure(ctx, hub: Hub, proxy_conn, delay: float, profile: Path | None = None
     if profile:  # py-spy (not a dependency: pip install py-spy) samples the hub during the round
         profile.mkdir(parents=True, exist_ok=True)
         out = profile / f"hub-{delay * 1000:.0f}ms.txt"
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(hub_process.pid), "--rate", "500", "--format", "raw",
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(hub_process.pid), "--rate", "500", "--format", "raw",
                                 "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
     begin = time.time()
@@ -219,10 +231,15 @@ def measure(ctx, hub: Hub, proxy_conn, delay: float, profile: Path | None = None
     result["load_average"] = round(max(load, os.getloadavg()[0]), 1)
     time.sleep(0.5)
     stop.set()
-    samples = receive.recv()
+    samples, errors = receive.recv()
+    if errors:
+        result["health_errors"] = errors
     prober.join(30)
-    during = [s for t, s in samples if begin <= t <= end or (t < begin and t + s > begin)]
+    timed = [(s, t) for t, s in samples if begin <= t <= end or (t < begin and t + s > begin)]
+    during = [s for s, _ in timed]
     result["health_worst_ms"] = round(max(during) * 1000, 1) if during else None
+    if timed:  # when, from the start of the round, the worst wait began
+        result["health_worst_at_s"] = round(max(timed)[1] - begin, 3)
     result["health_p99_ms"] = round(sorted(during)[int(len(during) * 0.99) - 1] * 1000, 1) if len(during) > 1 else None
     result["health_samples"] = len(during)
     return result
@@ -242,6 +259,7 @@ def main() -> None:
 
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "users": len(USERS), "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-ldap-") as tmp:
+        os.chmod(tmp, 0o711)  # as root, users' processes pass through the data dir (docs/admin/local.md)
         slapd = start_directory(Path(tmp) / "slapd", extra_users=len(USERS))
         ctx = multiprocessing.get_context("spawn")
         here, there = ctx.Pipe()
