@@ -315,6 +315,22 @@ def test_a_scheduled_notebook_runs_as_a_real_job_and_an_upgrade_keeps_db_schedul
     assert run["status"] == "succeeded", (run, _diagnose(tb, "labyard-nlp"))
     assert pods and all(p["spec"]["nodeName"] == real_node["name"] for p in pods)
     assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    # the Job's MLflow run: recorded through the gate with the run's own token, as alice
+    mlflow = f"{install['url']}/services/mlflow/api/2.0/mlflow"
+
+    def recorded() -> dict | None:
+        exp = alice.get(f"{mlflow}/experiments/get-by-name", params={"experiment_name": "nlp/train.ipynb"}, timeout=30)
+        if exp.status_code != 200:
+            return None
+        found = alice.post(f"{mlflow}/runs/search", timeout=30, json={
+            "experiment_ids": [exp.json()["experiment"]["experiment_id"]],
+            "filter": f"tags.`labyard.scheduled_run` = '{run['id']}'"}).json().get("runs", [])
+        return found[0] if found and found[0]["info"]["status"] == "FINISHED" else None
+
+    recorded_run = wait_for(recorded, 180, "the Job's run in MLflow")
+    tags = {t["key"]: t["value"] for t in recorded_run["data"]["tags"]}
+    assert tags["labyard.user"] == "alice" and tags["labyard.project"] == "nlp" and tags["labyard.run_kind"] == "scheduled"
+    assert {p["key"]: p["value"] for p in recorded_run["data"]["params"]}["epochs"] == "3"
 
     # helm upgrade: changed values (a new settings checksum, so the hub pod is replaced)
     secrets = tb.api.get(f"/api/v1/namespaces/{NS}/secrets/labyard-secrets")["data"]

@@ -141,6 +141,8 @@ def test_scheduled_run_is_recorded_through_the_gate_as_its_owner(nlp):
     tags = tags_of(nlp["scheduled"])
     assert nlp["scheduled"]["info"]["user_id"] == "alice" and tags["labyard.user"] == "alice" == tags["mlflow.user"]
     assert tags["labyard.project"] == "nlp" and tags["labyard.run_kind"] == "scheduled"
+    _, _, run_id = nlp["scheduler"]
+    assert tags["labyard.scheduled_run"] == run_id and tags["labyard.schedule"]  # leads back to the scheduler's run
     assert nlp["output"].endswith(".ipynb")
 
 

@@ -8,7 +8,8 @@ Usage (what the scheduler runs in the job's process or pod)::
 
 Environment: ``LABYARD_PROJECT`` (required), ``JUPYTERHUB_USER`` (or ``LABYARD_USER``),
 ``MLFLOW_TRACKING_URI`` (the platform server), ``LABYARD_PROJECT_DIR`` (notebook paths are made
-relative to it), optionally ``LABYARD_AUTOLOG_QUEUE`` and ``LABYARD_SCHEDULE`` (recorded as a tag).
+relative to it), optionally ``LABYARD_AUTOLOG_QUEUE``, and ``LABYARD_SCHEDULE_ID`` and ``LABYARD_RUN_ID`` (the
+scheduler's names of the run, recorded as the tags ``labyard.schedule`` and ``labyard.scheduled_run``).
 
 The run is recorded in the experiment ``<project>/<input notebook path>`` with the parameters as
 params, the tags of an interactive run plus ``labyard.run_kind = scheduled``, and the input and
@@ -105,8 +106,11 @@ def run(argv: list[str] | None = None) -> int:
     if notebook_rel:
         tags.update({"labyard.notebook": notebook_rel, "mlflow.source.name": notebook_rel})
     tags["labyard.run_kind"] = "scheduled"
-    if env.get("LABYARD_SCHEDULE"):
-        tags["labyard.schedule"] = env["LABYARD_SCHEDULE"]
+    # what the scheduler calls this run (both backends set these): an MLflow run leads back to it
+    if env.get("LABYARD_SCHEDULE_ID"):
+        tags["labyard.schedule"] = env["LABYARD_SCHEDULE_ID"]
+    if env.get("LABYARD_RUN_ID"):
+        tags["labyard.scheduled_run"] = env["LABYARD_RUN_ID"]
     r = client.create_run(exp_id, tags=tags, run_name=args.run_name)
     run_id = r.info.run_id
     for name, value in params.items():
