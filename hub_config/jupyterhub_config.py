@@ -132,5 +132,11 @@ for name, scopes in (("user", ["self"]), ("server", ["users:activity!user", "acc
 # single-user servers reach the scheduler directly (their server extension calls it for the user)
 c.Spawner.environment.update({"LABYARD_SCHEDULER_URL": f"{s.scheduler_url}/services/labyard-scheduler/api/"})
 
+# labyard-up: `labyard up` itself, which asks the hub to add every route again to a proxy it restarted
+# (a new proxy has none); nothing else
+if not s.external_services and (s.secrets_dir / "labyard-up.api-token").exists():
+    services.append({"name": "labyard-up", "api_token": s.secret("labyard-up.api-token")})
+    roles.append({"name": "labyard-up", "services": ["labyard-up"], "scopes": ["proxy"]})
+
 c.JupyterHub.services = services
 c.JupyterHub.load_roles = roles
