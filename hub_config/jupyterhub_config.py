@@ -59,6 +59,8 @@ c.merge(ldap_config(s.ldap))  # each option to Directory or LDAPAuthenticator (d
 c.Authenticator.admin_users = set(s.admin_users)
 
 c.Spawner.environment = {}
+# saving a file that does not fit on the disk says so, and leaves no partial file (labyard_lab.contents)
+c.Spawner.args = ["--ServerApp.contents_manager_class=labyard_lab.contents.FileManager"]
 if s.mlflow_url:
     # MLflow is the hub service `mlflow` at /services/mlflow/: `mlflow server --app-name labyard`, whose gate
     # authenticates every request with the hub and authorizes it per project (docs/admin/mlflow.md). Servers
