@@ -490,6 +490,14 @@ def test_the_data_dirs_disk_fills(disk_stack):
     _fill(filler, leave=512 * 1024)
     r = put_notebook(alice, server, "big-copy.ipynb", big)
     assert r.status_code >= 400 and "No space left on device" in r.json()["message"], (r.status_code, r.text[:500])
+    project = stack.data_dir / "projects" / "vision"
+    assert not (project / "big-copy.ipynb").exists(), "the failed save left a partial file"
+    # an existing notebook: its copy aside does not fit, the notebook keeps its content
+    r = put_notebook(alice, server, "big.ipynb", notebook("x = 2"))
+    assert r.status_code >= 400 and "No space left on device" in r.json()["message"], (r.status_code, r.text[:500])
+    kept = alice.get(f"{server}api/contents/big.ipynb", timeout=60).json()["content"]
+    assert len(kept["cells"]) == 2 and kept["cells"][0]["source"] == "x = 1"
+    assert not (project / ".~big.ipynb").exists(), "the failed save left its partial copy"
     r = alice.post(f"{base}/schedules", json={"project": "vision", "notebook": "big.ipynb"}, timeout=60)
     assert r.status_code == 507 and "no space left" in r.json()["message"].lower(), (r.status_code, r.text[:500])
     assert "No space left on device" in (stack.data_dir / "logs" / "servers" / "alice.vision.log").read_text()
@@ -516,3 +524,40 @@ def test_the_data_dirs_disk_fills(disk_stack):
     checks = integrity(stack.data_dir)
     assert {"hub/jupyterhub.sqlite", "scheduler/scheduler.sqlite", "mlflow/mlflow.db"} <= set(checks), checks
     assert all(v == "ok" for v in checks.values()), checks
+
+
+# ---- the scheduler killed between starting a run and recording it --------------------------------
+
+async def test_a_run_started_just_before_the_scheduler_died_runs_once(tmp_path):
+    """The one moment of the scheduler drill a kill from outside cannot hit on purpose: after a
+    run's runner was started and before its pid was recorded (the database still says ``pending``,
+    no pid). The next scheduler must adopt the running runner, not start the run a second time.
+    Real runner and papermill; the database is left as that kill leaves it."""
+    from labyard_hub.scheduler.models import ScheduleCreate
+
+    from .scheduler.conftest import DEMO_IDENTITIES, make_backend, wait_finished
+
+    notebooks.write(tmp_path / "projects" / "vision" / "slow.ipynb", notebooks.training(sleep=6))
+    first = make_backend(tmp_path)
+    await first.start()
+    alice = DEMO_IDENTITIES["alice"]
+    _, run = await first.create_schedule(alice, ScheduleCreate(project="vision", notebook="slow.ipynb"))
+    assert run.pid and psutil.pid_exists(run.pid)
+    await first.stop()  # the runner goes on, as after a kill -9 of the service
+    db = sqlite3.connect(tmp_path / "scheduler" / "scheduler.sqlite")
+    body = json.loads(db.execute("SELECT body FROM runs WHERE id = ?", (run.id,)).fetchone()[0])
+    body.update(status="pending", pid=None, pid_started=None, started=None)
+    with db:
+        db.execute("UPDATE runs SET status = 'pending', body = ? WHERE id = ?", (json.dumps(body), run.id))
+    db.close()
+    assert psutil.pid_exists(run.pid) and not (tmp_path / "scheduler" / "runs" / run.id / "result.json").exists(), \
+        "the run ended before the next scheduler started: nothing was drilled"
+    second = make_backend(tmp_path)
+    await second.start()
+    try:
+        done = await wait_finished(second, alice, run.id, timeout=180)
+    finally:
+        await second.stop()
+    log = (tmp_path / "scheduler" / "runs" / run.id / "log.txt").read_text()
+    assert log.count("--- attempt 1 at") == 1, f"the run was started twice:\n{log}"
+    assert done.status.value == "succeeded", (done.error, log[-1500:])
