@@ -59,6 +59,8 @@ c.merge(ldap_config(s.ldap))  # each option to Directory or LDAPAuthenticator (d
 c.Authenticator.admin_users = set(s.admin_users)
 
 c.Spawner.environment = {}
+# saving a file that does not fit on the disk says so, and leaves no partial file (labyard_lab.contents)
+c.Spawner.args = ["--ServerApp.contents_manager_class=labyard_lab.contents.FileManager"]
 if s.mlflow_url:
     # MLflow is the hub service `mlflow` at /services/mlflow/: `mlflow server --app-name labyard`, whose gate
     # authenticates every request with the hub and authorizes it per project (docs/admin/mlflow.md). Servers
@@ -131,6 +133,12 @@ for name, scopes in (("user", ["self"]), ("server", ["users:activity!user", "acc
     roles.append({"name": name, "scopes": [*scopes, *(f"access:services!service={n}" for n in services_for_users)]})
 # single-user servers reach the scheduler directly (their server extension calls it for the user)
 c.Spawner.environment.update({"LABYARD_SCHEDULER_URL": f"{s.scheduler_url}/services/labyard-scheduler/api/"})
+
+# labyard-up: `labyard up` itself, which asks the hub to add every route again to a proxy it restarted
+# (a new proxy has none); nothing else
+if not s.external_services and (s.secrets_dir / "labyard-up.api-token").exists():
+    services.append({"name": "labyard-up", "api_token": s.secret("labyard-up.api-token")})
+    roles.append({"name": "labyard-up", "services": ["labyard-up"], "scopes": ["proxy"]})
 
 c.JupyterHub.services = services
 c.JupyterHub.load_roles = roles

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jupyterhub.auth import Authenticator
+from jupyterhub.handlers.login import LoginHandler as _HubLoginHandler
 from tornado import web
 from traitlets import Float, Instance, Integer, Unicode, default
 from traitlets.config import Config
@@ -137,6 +138,22 @@ class Throttle:
             self._changed.set()
             self._changed = None
         return seconds
+
+
+#: what the login form says while the directory cannot be asked (the password was not checked)
+DIRECTORY_DOWN = ("The directory (LDAP) does not answer just now, so nobody can log in: please try again in a "
+                  "minute. Your password was not checked.")
+
+
+class LoginHandler(_HubLoginHandler):
+    """JupyterHub's login form, which says so (503) when the directory cannot be asked instead of
+    "Invalid username or password": a login refused because LDAP is down is not a wrong password."""
+
+    def _render(self, login_error=None, username=None, **kwargs):
+        if getattr(self, "labyard_directory_down", False) and self.request.method == "POST":
+            self.set_status(503)
+            login_error = DIRECTORY_DOWN
+        return super()._render(login_error=login_error, username=username, **kwargs)
 
 
 class LDAPAuthenticator(Authenticator):
@@ -268,6 +285,8 @@ class LDAPAuthenticator(Authenticator):
             # a directory that cannot answer says nothing about the password: not a failed login
             refused = False
             self.log.error("LDAP login %r failed: directory unavailable: %s", username, e)
+            if handler is not None:
+                handler.labyard_directory_down = True  # LoginHandler tells the user
         except Exception:
             refused = False
             self.log.exception("LDAP login %r failed unexpectedly", username)
@@ -280,6 +299,9 @@ class LDAPAuthenticator(Authenticator):
             return None
         self.log.info("LDAP login %r: projects %s%s", username, identity.project_names, " (admin)" if identity.admin else "")
         return self._auth_model(identity)
+
+    def get_handlers(self, app):
+        return [("/login", LoginHandler)]
 
     def check_allowed(self, username: str, authentication: dict[str, Any] | None = None) -> bool:
         """Members of at least one project (or admins) may log in, besides anyone the base class allows."""

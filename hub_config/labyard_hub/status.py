@@ -71,7 +71,14 @@ def status(data_dir: Path) -> tuple[int, dict]:
     data_dir = data_dir.absolute()
     path = data_dir / "run" / "status.json"
     if not running(data_dir) or not path.exists():
-        return 3, {"state": "not running", "data_dir": str(data_dir), "components": []}
+        body = {"state": "not running", "data_dir": str(data_dir), "components": []}
+        try:  # the last labyard up's end: why it gave up, if it did
+            last = json.loads(path.read_text())
+        except (OSError, ValueError):
+            last = {}
+        if last.get("given_up"):
+            body["given_up"] = last["given_up"]
+        return 3, body
     body = json.loads(path.read_text())
     rows = [*body["components"], *({"restarts": None, "pid": None, "last_error": None, **s} for s in body.get("services", []))]
     with ThreadPoolExecutor(8) as pool:

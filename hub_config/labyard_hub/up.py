@@ -40,6 +40,10 @@ from .slapd import Slapd, directory_ldif, free_port
 
 log = logging.getLogger("labyard.up")
 
+#: the token of the hub service ``labyard-up`` (scope ``proxy``): ``labyard up`` asks the hub with it
+#: to add every route to a restarted proxy
+ROUTES_TOKEN = "labyard-up.api-token"
+
 
 class SetupError(Exception):
     """Something the platform needs is missing; the message says what to install or change."""
@@ -148,6 +152,7 @@ class Platform:
         self.settings: Settings | None = None
         self.session: str | None = None
         self.given_up: str | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
@@ -261,6 +266,7 @@ class Platform:
         self._secret("proxy-token")
         self._secret("cookie-secret")
         self._secret("mlflow.api-token")  # the hub service `mlflow`: the gate's hub token and OAuth secret
+        self._secret(ROUTES_TOKEN)  # the hub service `labyard-up`: asks the hub to restore a new proxy's routes
         # the MLflow store is read by the MLflow server only (servers of users run as their own uids)
         (self.data_dir / "mlflow").chmod(0o700)
         # an MLflow server of the admin's (mlflow_url in the config) replaces the embedded one
@@ -381,6 +387,8 @@ class Platform:
             self.given_up = self.given_up or str(e)
             return 1
         finally:
+            for task in self._tasks:
+                task.cancel()
             self.write_status("stopping")
             for c in reversed(self.children):
                 await c.stop()
@@ -430,6 +438,47 @@ class Platform:
                     await c.start()
                     c.restarts_total += 1
                     self.write_status("up")
+                    if c.name == "proxy":
+                        self._tasks.add(task := asyncio.create_task(self._restore_routes()))
+                        task.add_done_callback(self._tasks.discard)
+
+    async def _restore_routes(self, timeout: float = 300) -> None:
+        """A restarted proxy starts with no routes (they live in its memory): ask the hub to add
+        them all again (``POST /hub/api/proxy``) as soon as the proxy answers, instead of leaving
+        users' servers unreachable until the hub's next route check (minutes)."""
+        s = self.settings
+        token = s.secret(ROUTES_TOKEN)
+        loop = asyncio.get_running_loop()
+
+        def sync() -> str | None:
+            try:
+                with urllib.request.urlopen(f"{s.proxy_api_url}/api/routes", timeout=5) as r:
+                    r.read()
+            except urllib.error.HTTPError:
+                pass  # it answers (403 without its token): up
+            except OSError as e:
+                return f"the proxy does not answer yet: {e}"
+            req = urllib.request.Request(f"{s.hub_connect_url}/hub/api/proxy", data=b"", method="POST",
+                                         headers={"Authorization": f"token {token}"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return None if r.status < 300 else f"the hub answered {r.status}"
+            except urllib.error.HTTPError as e:
+                return f"the hub answered {e.code}"
+            except OSError as e:
+                return f"the hub does not answer: {e}"
+
+        deadline = time.monotonic() + timeout
+        while True:
+            why = await loop.run_in_executor(None, sync)
+            if why is None:
+                log.info("proxy restarted: routes restored from the hub")
+                return
+            if time.monotonic() > deadline:
+                log.error("proxy restarted, but its routes could not be restored (%s); the hub adds them at its next "
+                          "route check", why)
+                return
+            await asyncio.sleep(1)
 
     def _banner(self) -> None:
         lines = [f"Labyard is up: http://127.0.0.1:{self.port}/", f"  data and logs: {self.data_dir}"]

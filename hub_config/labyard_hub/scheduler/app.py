@@ -7,7 +7,7 @@ with LDAP; the service's role has ``read:users``, ``admin:auth_state`` and ``rea
 every decision goes through the backend, which asks :class:`labyard_hub.access.Access`.
 Handlers are thin: parse -> pydantic model -> backend -> JSON. Errors are JSON ``{"message"}``:
 400 for anything malformed (never a 500), 403 not allowed, 404 unknown id, 409 the schedule's
-state forbids it, 413 body too large. The API is documented in docs/admin/scheduler.md.
+state forbids it, 413 body too large, 507 the disk is full. The API is documented in docs/admin/scheduler.md.
 
 Run by the hub as a managed service: ``python -m labyard_hub.scheduler.app`` (it reads the
 installation's settings from ``$LABYARD_SETTINGS`` and its address from the hub's environment).
@@ -16,10 +16,12 @@ installation's settings from ``$LABYARD_SETTINGS`` and its address from the hub'
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import sqlite3
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
@@ -145,6 +147,13 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
         self.finish(json.dumps(data))
 
 
+def disk_full(e: Exception) -> bool:
+    """Whether ``e`` says the disk (or the quota) is full: an OSError, or sqlite's own error."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "database or disk is full" in str(e)
+
+
 def api_errors(method):
     """Map backend exceptions to JSON errors: AccessError -> its status, NotFound -> 404,
     Conflict -> 409, bad input -> 400, Unavailable (e.g. the project namespace is not set up
@@ -165,6 +174,13 @@ def api_errors(method):
             raise web.HTTPError(400, str(e).replace("%", "%%")) from e
         except Unavailable as e:
             raise web.HTTPError(503, str(e).replace("%", "%%")) from e
+        except (OSError, sqlite3.OperationalError) as e:
+            if not disk_full(e):
+                raise
+            log.error("%s %s: no space left on the scheduler's disk (%s): %s", self.request.method, self.request.path,
+                      self.backend.data_dir, e)
+            raise web.HTTPError(507, f"no space left on the platform's disk: nothing was saved ({e}). "
+                                     "Ask your administrator to free space, then try again.".replace("%", "%%")) from e
 
     wrapper.__name__ = method.__name__
     return web.authenticated(wrapper)

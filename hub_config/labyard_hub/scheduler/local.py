@@ -5,7 +5,9 @@
 * A loop (every ``tick`` seconds) fires cron schedules (croniter, in the schedule's timezone)
   and collects finished runs. A cron time is recorded as handled *before* its run starts, and a
   run is recorded (``pending``) before its process starts, so a restart never runs a time twice;
-  a ``pending`` run without a process is started after a restart.
+  a ``pending`` run without a process is started after a restart, unless its runner is already
+  running (it holds the run's lock: the service died after starting it, before recording it),
+  which is then adopted: a run has one runner.
 * Missed times (the service was down): ``missed_runs: run_once`` runs the latest of them once,
   ``skip`` skips them; times more than ``grace`` seconds late count as missed.
 * Each run is ``python -m labyard_hub.scheduler.runner RUN_DIR`` in its own session: it keeps
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -34,6 +37,7 @@ from .. import isolation
 from ..access import AccessError, IdentityUnavailable, process_ids
 from ..isolation import RunAs
 from ..projects import Flavor, Identity, Project
+from . import runner
 from .backend import Backend, BadRequest, log
 from .models import Run, RunStatus, Schedule, now
 from .tokens import RunTokens, TokenError
@@ -75,6 +79,8 @@ class LocalBackend(Backend):
         self._loop_task: asyncio.Task | None = None
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._lock = asyncio.Lock()
+        #: the first pass after start: runs recorded ``pending`` without a pid are a previous instance's
+        self._adopting = False
 
     # ---- sqlite (one thread) ---------------------------------------------------------
     def _connect(self) -> None:
@@ -139,7 +145,11 @@ class LocalBackend(Backend):
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         await self._sql(self._connect)
-        await self.tick_once()  # adopt runs left by a previous instance, handle missed times
+        self._adopting = True
+        try:
+            await self.tick_once()  # adopt runs left by a previous instance, handle missed times
+        finally:
+            self._adopting = False
         self._loop_task = asyncio.create_task(self._loop())
         await super().start()
 
@@ -306,12 +316,24 @@ class LocalBackend(Backend):
         }
         await self._in_thread(self._prepare_run, run, run_as, spec)
         base_env = {k: os.environ[k] for k in _KEEP_ENV if k in os.environ}
-        with open(rdir / "runner.err", "ab") as err:  # the child has its own copy; ours is closed at once
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "labyard_hub.scheduler.runner", str(rdir),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=err, env=base_env, cwd=str(rdir), start_new_session=True,
-            )
+        # the run's lock, taken here and inherited by the runner, which holds it until it ends
+        lock = os.open(rdir / runner.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("run %s: a runner already runs it; not starting another", run.id)
+                return run
+            with open(rdir / "runner.err", "ab") as err:  # the child has its own copy; ours is closed at once
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "labyard_hub.scheduler.runner", str(rdir),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=err, env=base_env, cwd=str(rdir), start_new_session=True, pass_fds=(lock,),
+                )
+            os.ftruncate(lock, 0)
+            os.write(lock, str(proc.pid).encode())
+        finally:
+            os.close(lock)
         self._children[run.id] = proc
         asyncio.get_running_loop().create_task(self._reap(run.id, proc))
         run = run.model_copy(update={"status": RunStatus.running, "started": now(), "pid": proc.pid,
@@ -338,6 +360,16 @@ class LocalBackend(Backend):
             if result.exists():
                 await self._finish(run, json.loads(result.read_text()))
             elif run.status == RunStatus.pending and run.pid is None:
+                if not self._adopting:
+                    continue  # being started by this instance right now (_new_run records it before it starts it)
+                running = runner.holder(rdir)
+                if running is not None:
+                    # started by a service that died before it recorded the pid: adopt it, never start it twice
+                    if running:
+                        log.info("run %s was started (pid %d) but not recorded as running; adopting it", run.id, running)
+                        await self._save_run(run.model_copy(update={"status": RunStatus.running, "started": now(),
+                                                                    "pid": running, "pid_started": _proc_start(running)}))
+                    continue
                 schedule = await self._load_schedule(run.schedule_id)
                 if schedule is not None:
                     log.info("run %s was recorded but never started; starting it", run.id)

@@ -18,6 +18,7 @@ back without following links).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -80,6 +81,31 @@ def failure_from_output(output: Path, owner: RunAs | None = None) -> tuple[int |
             running = index
         index += 1
     return running, None
+
+
+#: held (flock) by the runner of a run for its whole life, with its pid in it: the service takes the
+#: lock before it starts the runner and hands it over (the runner inherits it), so a run has one
+#: runner even when the service dies between starting it and recording it
+LOCK = "runner.lock"
+
+
+def holder(run_dir: Path) -> int | None:
+    """The pid of the runner holding ``run_dir``'s lock (0: one holds it and has not written its pid
+    yet), None when no runner runs the run."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).strip()
+            return int(pid) if pid.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class Runner:
