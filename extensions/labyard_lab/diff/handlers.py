@@ -26,6 +26,8 @@ from .sources import CheckpointSource, DiffRequest, GitSource, PathSource, Resol
 from .worker import DiffFailed, DiffJob, DiffRunner
 
 RUN_KINDS = ("scheduled", "mlflow")
+#: bytes of a diff's answer written per flush
+SEND_CHUNK = 1 << 20
 
 
 class LabyardDiff(Configurable):
@@ -115,7 +117,14 @@ class _DiffHandler(APIHandler):
         t2 = time.monotonic()
         self.set_header("Content-Type", "application/json")
         self.set_header("Server-Timing", f"resolve;dur={(t1 - t0) * 1000:.0f}, worker;dur={(t2 - t1) * 1000:.0f}")
-        self.finish(body)
+        # tens of MB for output-heavy notebooks: sent a piece at a time, each flushed to the socket
+        # before the next, so the loop answers other requests meanwhile (one write of the whole
+        # body would hold it while the client reads)
+        view = memoryview(body)
+        for i in range(0, len(view), SEND_CHUNK):
+            self.write(bytes(view[i:i + SEND_CHUNK]))
+            await self.flush()
+        self.finish()
 
     async def guarded(self, make_request) -> None:
         """Build the request and diff it; every failure answered with a status and a message."""
