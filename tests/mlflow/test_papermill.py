@@ -22,7 +22,7 @@ CELLS = [
 
 def papermill(workspace, server, *args, timeout=300):
     env = platform_env(project_dir=workspace["project"], home=workspace["home"], notebook=None, mlflow_url=server.url)
-    env["LABYARD_SCHEDULE"] = "nightly"
+    env["LABYARD_SCHEDULE_ID"] = "nightly"
     return subprocess.run([sys.executable, "-m", "labyard_lab.autolog.papermill", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=workspace["project"])
 
