@@ -31,6 +31,7 @@ from labyard_hub import lifecycle
 from labyard_hub.status import probe
 
 from .scheduler import notebooks
+from .mlflow.support import wait_for
 from .support.kernel import Kernel
 from .support.stack import Stack
 
@@ -38,17 +39,6 @@ pytestmark = pytest.mark.slow
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not seen in {timeout:.0f}s (last: {last!r})")
-
 
 def status_file(stack: Stack) -> dict:
     return json.loads((stack.data_dir / "run" / "status.json").read_text())
@@ -77,7 +67,7 @@ def wait_restarted(stack: Stack, name: str, before: dict, timeout: float = 240) 
     def again():
         row = component(stack, name)
         return row["pid"] != before["pid"] and probe(name, row["port"]) is None and row
-    row = wait_for(again, timeout, f"{name} restarted and answering")
+    row = wait_for(again, timeout, what=f"{name} restarted and answering")
     assert row["restarts"] == before["restarts"] + 1 and "exited with -9" in row["last_error"], row
     return row
 
@@ -128,14 +118,14 @@ def wait_scheduler(stack: Stack, api: requests.Session, timeout: float = 240) ->
         except requests.RequestException:
             return False
         return r.status_code == 200 and r.headers.get("Content-Type", "").startswith("application/json")
-    wait_for(answers, timeout, "labyard-scheduler answering through the proxy")
+    wait_for(answers, timeout, what="labyard-scheduler answering through the proxy")
 
 
 def wait_run(api: requests.Session, base: str, run_id: str, timeout: float = 240) -> dict:
     def finished():
         run = api.get(f"{base}/runs/{run_id}", timeout=10).json()
         return run if run.get("status") in ("succeeded", "failed", "cancelled") else None
-    return wait_for(finished, timeout, f"run {run_id} finished")
+    return wait_for(finished, timeout, what=f"run {run_id} finished")
 
 
 # ---- the shared platform ---------------------------------------------------------------------
@@ -197,7 +187,7 @@ def test_mlflow_dies_while_a_notebook_logs(stack, alice, server):
             return len(history.get("metrics", [])) >= 20 and (exp, runs[0]["info"]["run_id"])
 
         # the moment: the loop runs and its first points are on the server
-        exp_id, run_id = wait_for(run_with_points, 240, "the first points of the loop on the server")
+        exp_id, run_id = wait_for(run_with_points, 240, what="the first points of the loop on the server")
         assert thread.is_alive(), "the loop ended before MLflow was killed: nothing was drilled"
         before = kill_component(stack, "mlflow")
     finally:
@@ -214,11 +204,11 @@ def test_mlflow_dies_while_a_notebook_logs(stack, alice, server):
                        params={"run_id": run_id, "metric_key": "loss", "max_results": 25000}).json().get("metrics", [])
         return len(history) >= points and history
 
-    history = wait_for(all_arrived, 300, "every point after the restart")
+    history = wait_for(all_arrived, 300, what="every point after the restart")
     # the queue has nothing left to send: whatever it replays from here on would be a duplicate
     queue_status = stack.data_dir / "homes" / "alice" / ".labyard" / "mlflow-queue" / "status.json"
     wait_for(lambda: (s := json.loads(queue_status.read_text())).get("reachable") and s.get("pending_runs") == 0 and s,
-             120, "alice's MLflow queue drained")
+             120, what="alice's MLflow queue drained")
     history = gate(stack, alice, "GET", "metrics/get-history",
                    params={"run_id": run_id, "metric_key": "loss", "max_results": 25000}).json()["metrics"]
     assert sorted(m["step"] for m in history) == list(range(points)), "points lost or sent twice"
@@ -241,7 +231,7 @@ def test_the_proxy_dies(stack, alice, server):
         except requests.RequestException:
             return False
         return r.status_code == 200 and "last_activity" in r.json()
-    wait_for(reachable, 60, "alice's server through the restarted proxy")
+    wait_for(reachable, 60, what="alice's server through the restarted proxy")
     settings = stack.data_dir / "settings.yaml"
     port = int(re.search(r"proxy_api_port: (\d+)", settings.read_text()).group(1))
     token = (stack.data_dir / "secrets" / "proxy-token").read_text().strip()
@@ -261,7 +251,7 @@ def test_slapd_dies(stack, alice, server):
     stack.proc.send_signal(signal.SIGSTOP)
     try:
         before = kill_component(stack, "slapd")
-        wait_for(lambda: probe("slapd", before["port"]) is not None, 30, "slapd's port closed")
+        wait_for(lambda: probe("slapd", before["port"]) is not None, 30, what="slapd's port closed")
         form = requests.Session()
         form.get(f"{stack.url}/hub/login", timeout=10)
         t0 = time.monotonic()
@@ -279,7 +269,7 @@ def test_slapd_dies(stack, alice, server):
     finally:
         stack.proc.send_signal(signal.SIGCONT)
     wait_restarted(stack, "slapd", before)
-    wait_for(lambda: stack.login("bob").login_status == 302, 60, "bob logging in again")
+    wait_for(lambda: stack.login("bob").login_status == 302, 60, what="bob logging in again")
     assert "directory unavailable" in stack.hub_log()
 
 
@@ -300,18 +290,18 @@ def test_the_scheduler_and_the_controller_die(stack, alice, server):
             return len(runs) >= n and runs
 
         # the moment: the first cron time has fired and its run is recorded
-        first = wait_for(lambda: cron_runs(1), 150, "the first cron run")
+        first = wait_for(lambda: cron_runs(1), 150, what="the first cron run")
         old = service_pids(stack, "labyard_hub.scheduler.app")
         assert len(old) == 1, old
         os.kill(old.pop(), signal.SIGKILL)
-        wait_for(lambda: service_pids(stack, "labyard_hub.scheduler.app"), 240, "the scheduler started again")
+        wait_for(lambda: service_pids(stack, "labyard_hub.scheduler.app"), 240, what="the scheduler started again")
         wait_scheduler(stack, alice)
         assert "Service labyard-scheduler exited with status -9" in stack.hub_log()
         ids = {s["id"] for s in alice.get(f"{base}/schedules", timeout=30).json()}
         assert {every["id"], keep.json()["id"]} <= ids, "a schedule was lost"
         # the next minute fires once, and the run in flight at the kill is collected
         runs = wait_for(lambda: (runs := cron_runs(2)) and all(r["status"] in ("succeeded", "failed") for r in runs) and runs,
-                        200, "the next cron run, finished")
+                        200, what="the next cron run, finished")
         assert first[-1]["id"] in {r["id"] for r in runs}
         assert all(r["status"] == "succeeded" and r["trigger"] == "cron" for r in runs), runs
     finally:
@@ -326,7 +316,7 @@ def test_the_scheduler_and_the_controller_die(stack, alice, server):
     controller = service_pids(stack, "labyard_hub.cli controller")
     assert len(controller) == 1, controller
     os.kill(next(iter(controller)), signal.SIGKILL)
-    wait_for(lambda: service_pids(stack, "labyard_hub.cli controller") - controller, 240, "the controller started again")
+    wait_for(lambda: service_pids(stack, "labyard_hub.cli controller") - controller, 240, what="the controller started again")
     assert "Service labyard-controller exited with status -9" in stack.hub_log()
 
 
@@ -347,8 +337,8 @@ def test_the_hub_dies(stack, alice, server):
     assert r.status_code == 201, r.text
     schedule, run = r.json(), r.json()["run"]
     # the moment: the run's runner is executing the notebook
-    wait_for(lambda: alice.get(f"{base}/runs/{run['id']}", timeout=10).json()["status"] == "running", 120, "the run running")
-    wait_for(lambda: "Executing" in alice.get(f"{base}/runs/{run['id']}/log", timeout=10).text, 120, "papermill executing")
+    wait_for(lambda: alice.get(f"{base}/runs/{run['id']}", timeout=10).json()["status"] == "running", 120, what="the run running")
+    wait_for(lambda: "Executing" in alice.get(f"{base}/runs/{run['id']}/log", timeout=10).text, 120, what="papermill executing")
 
     before = kill_component(stack, "hub")
     wait_restarted(stack, "hub", before)
@@ -400,7 +390,7 @@ def test_restart_limit_gives_a_component_up_and_says_why(stack):
             row = component(stack, "slapd")
             return row["pid"] != before["pid"] and probe("slapd", row["port"]) is None and "restarted"
 
-        if wait_for(restarted_or_given_up, 120, "slapd restarted or given up", interval=0.2) == "given up":
+        if wait_for(restarted_or_given_up, 120, what="slapd restarted or given up", interval=0.2) == "given up":
             break
     assert stack.proc.wait(120) == 1, stack.log.read_text()[-3000:]
     assert "slapd exited 4 times in 5 minutes" in stack.log.read_text()
