@@ -375,7 +375,8 @@ def test_the_runs_panel_shows_who_really_made_a_run(stack):
     alice's Runs panel shows it as bob's."""
     hub = stack.api("alice")
     r = hub.post(f"{stack.url}/hub/api/users/alice/servers/vision", json={}, timeout=60)
-    assert r.status_code in (201, 202), r.text
+    # (a 500 here was seen once in a full run under load: the hub's log says why)
+    assert r.status_code in (201, 202), (r.text, stack.hub_log()[-4000:])
     stack.wait_ready(hub, "alice", "vision", timeout=240)
     bob = MLflow(stack, "bob", "token")
     exp = bob.post("experiments/create", json={"name": "vision/fit.ipynb"}).json().get("experiment_id") or \
