@@ -1,7 +1,6 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-import { IReproduceRequest } from './reproduce-model';
 
 /** One MLflow run as the server extension reports it (GET /labyard/runs). */
 export interface IRun {
@@ -57,32 +56,6 @@ export class RunsClient {
       throw new Error(`GET /labyard/runs/status failed with ${response.status}`);
     }
     return (await response.json()) as IQueueStatus;
-  }
-
-  /** POST /labyard/scheduler/runs {"reproduce": ...}: the reproduction's scheduled run. */
-  reproduce(req: IReproduceRequest): Promise<IReproductionRun> {
-    return this.scheduler('POST', 'runs', req);
-  }
-
-  scheduledRun(id: string): Promise<IReproductionRun> {
-    return this.scheduler('GET', `runs/${encodeURIComponent(id)}`);
-  }
-
-  private async scheduler<T>(method: string, path: string, body?: unknown): Promise<T> {
-    const url = URLExt.join(this.settings.baseUrl, 'labyard', 'scheduler', path);
-    const init: RequestInit = { method, ...(body !== undefined ? { body: JSON.stringify(body) } : {}) };
-    const response = await ServerConnection.makeRequest(url, init, this.settings);
-    const text = await response.text();
-    let data: { message?: string } | undefined;
-    try {
-      data = text ? JSON.parse(text) : undefined;
-    } catch {
-      data = undefined;
-    }
-    if (!response.ok) {
-      throw new Error(data?.message ?? `${method} /labyard/scheduler/${path} failed with ${response.status}`);
-    }
-    return data as T;
   }
 
   async notebookRuns(notebook: string): Promise<INotebookRuns> {

@@ -92,7 +92,7 @@ export class RunsPanel extends Widget {
   /** what the panel says about reproductions started from it */
   private notice: { text: string; error: boolean } | null = null;
 
-  constructor(private client = new RunsClient(), private compare: CompareFn | null = null) {
+  constructor(private client = new RunsClient(), private compare: CompareFn | null = null, private labyard = new LabyardClient()) {
     super();
     this.id = 'labyard-runs';
     this.addClass('labyard-runs');
@@ -279,7 +279,7 @@ export class RunsPanel extends Widget {
     }
     const form: IReproduceForm = { parameters: params.value, useCurrentData: current.checked, tolerance: tolerance.value, warnOnEnvironment: warn.checked };
     try {
-      const started = await this.client.reproduce(reproduceRequest(run, form));
+      const started = await this.labyard.reproduce(reproduceRequest(run, form));
       const warnings = started.reproduce?.warnings ?? [];
       this.notice = { text: `Reproducing ${run.name} (scheduled run ${started.id})${warnings.length ? `; warning: ${warnings.join('; ')}` : ''}`, error: false };
       this.render();
@@ -296,14 +296,14 @@ export class RunsPanel extends Widget {
     while (!['succeeded', 'failed', 'cancelled'].includes(run.status)) {
       await new Promise(resolve => window.setTimeout(resolve, FOLLOW_MS));
       try {
-        run = await this.client.scheduledRun(run.id);
+        run = await this.labyard.getReproduction(run.id);
       } catch {
         // the scheduler restarted, or a hiccup: keep following
       }
     }
     for (let i = 0; i < 60; i++) {
       try {
-        run = await this.client.scheduledRun(run.id);
+        run = await this.labyard.getReproduction(run.id);
       } catch {
         // try again
       }
@@ -420,7 +420,7 @@ export const runsPlugin: JupyterFrontEndPlugin<void> = {
   activate: (app: JupyterFrontEnd, labShell: ILabShell, statusBar: IStatusBar | null, rendermime: IRenderMimeRegistry | null) => {
     const labyard = new LabyardClient();
     const compare: CompareFn | null = rendermime ? (request, title) => openDiff(app, labyard, rendermime, request, title) : null;
-    const panel = new RunsPanel(new RunsClient(), compare);
+    const panel = new RunsPanel(new RunsClient(), compare, labyard);
     app.shell.add(panel, 'right', { rank: 600 });
     const follow = () => {
       const path = notebookPath(labShell.currentWidget);

@@ -93,12 +93,15 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alice(stack):
-    return stack.api("alice")
+    """alice's API session, with the scheduler's API URL (once it answers) as ``alice.scheduler``."""
+    session = stack.api("alice")
+    session.scheduler = wait_service(stack, session)
+    return session
 
 
 @pytest.fixture(scope="module")
-def base(stack, alice):
-    return wait_service(stack, alice)
+def base(alice):
+    return alice.scheduler
 
 
 @pytest.fixture(scope="module")
