@@ -536,3 +536,84 @@ def test_removal_in_ldap_suspends_the_leavers_cronjob(k8s_testbed, service_accou
         for sid in sids:
             tb.kubectl("delete", "job,cronjob,configmap", "-n", NS, "-l", f"labyard.dev/schedule={sid}", "--ignore-not-found")
         stack.stop()
+
+
+class _TokensWithoutHub:
+    """The hub's token API (``RunTokens``) for a backend without a hub: this test's MLflow server
+    has no gate, so no token is checked (the gate and the hub's tokens are exercised in local
+    mode by tests/reproduce). A stand-in, not a mock of behaviour under test."""
+
+    async def create(self, owner, note, seconds):
+        return "no-gate-here", f"{owner}-{note}"
+
+    async def revoke(self, owner, token_id):
+        return None
+
+    async def revoke_noted(self, owner, note):
+        return 0
+
+
+async def test_a_reproduction_runs_the_recorded_image_by_digest(project, service_accounts, mlflow_server, tmp_path):
+    """Issue 15 on the testbed: a run made with an image given by digest records it (mode
+    kubernetes, labyard.image_digest); a week later the project's image is a tag, and
+    ``reproduce`` creates a Job whose container is the recorded image by digest, run by the pod
+    runner, recorded with ``labyard.reproduces`` and the verdict ``reproduced``."""
+    from labyard_hub.scheduler.kube import KubernetesBackend
+    from labyard_hub.scheduler.models import ReproduceCreate, ScheduleCreate
+
+    from tests.mlflow.support import tags_of
+
+    digest = "sha256:" + "5e" * 32
+    people = StaticIdentities([ALICE, BOB, CAROL, ADMIN])
+
+    def backend(image: str, data: str):
+        return KubernetesBackend(Access(demo.policy()), tmp_path / data, image=image, mlflow_url=mlflow_server.url,
+                                 run_tokens=_TokensWithoutHub(), kubeconfig=service_accounts["scheduler"],
+                                 extra_labels=RUN_LOCAL, identities=people)
+
+    def recorded(scheduled_run: str) -> dict:
+        exp = mlflow_server.experiment("vision/score.ipynb")
+        runs = mlflow_server.runs(exp["experiment_id"]) if exp else []
+        found = [r for r in runs if tags_of(r).get("labyard.scheduled_run") == scheduled_run and r["info"]["status"] == "FINISHED"]
+        return found[0] if found else None
+
+    nb = json.loads(json.dumps(notebooks.training()))
+    nb["cells"].append({"cell_type": "code", "id": "score", "metadata": {}, "execution_count": None, "outputs": [],
+                        "source": "import mlflow\nmlflow.log_metric('score', epochs * 0.25)"})
+    schedules = []
+    b = backend(f"labyard/singleuser@{digest}", "before")
+    await b.start()
+    try:
+        s, run = await b.create_schedule(ALICE, ScheduleCreate(project="vision", notebook="score.ipynb", notebook_content=nb,
+                                                               parameters={"epochs": 3}))
+        schedules.append(s.id)
+        assert (await _wait_run(b, ALICE, run.id)).status.value == "succeeded"
+    finally:
+        await b.stop()
+    original = wait_for(lambda: recorded(run.id), 120, "the original in MLflow", interval=1)
+    tags = tags_of(original)
+    assert tags["labyard.mode"] == "kubernetes" and tags["labyard.image_digest"] == digest, tags
+    assert tags["labyard.reproducible"] == "yes", tags
+    b = backend("labyard/singleuser:latest", "after")  # the tag may point anywhere by now
+    await b.start()
+    try:
+        again = await b.reproduce(BOB, ReproduceCreate(reproduce=original["info"]["run_id"]))
+        schedules.append(again.schedule_id)
+        assert again.owner == "bob" and again.parameters == {"epochs": 3}  # as who asked, not as alice
+        job = project.api.get(f"/apis/batch/v1/namespaces/{NS}/jobs", labelSelector=f"labyard.dev/run={again.id}")["items"][0]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == f"labyard/singleuser@{digest}"
+        assert {e["name"]: e.get("value") for e in container["env"]}["LABYARD_IMAGE_DIGEST"] == digest
+        assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == BOB.uid
+        assert (await _wait_run(b, BOB, again.id)).status.value == "succeeded"
+        assert (await b.get_run(BOB, again.id)).reproduce.of == original["info"]["run_id"]
+    finally:
+        await b.stop()
+        for sid in schedules:
+            project.kubectl("delete", "job,cronjob,configmap,secret", "-n", NS, "-l", f"labyard.dev/schedule={sid}",
+                            "--ignore-not-found")
+    new = wait_for(lambda: recorded(again.id), 120, "the reproduction in MLflow", interval=1)
+    tags = tags_of(new)
+    assert tags["labyard.reproduces"] == original["info"]["run_id"] and tags["labyard.image_digest"] == digest
+    assert tags["labyard.verdict"] == "reproduced", tags.get("labyard.verdict.detail")
+    assert {m["key"]: m["value"] for m in new["data"]["metrics"]}["score"] == 0.75

@@ -168,6 +168,8 @@ def make_run_pod_template(
         V1EnvVar(name="LABYARD_GPUS", value=str(flavor.gpus)),
         V1EnvVar(name="LABYARD_NOTEBOOK", value=notebook),
         V1EnvVar(name="LABYARD_NOTEBOOK_SHA256", value=sha256),
+        # what the run records as its image (labyard.image; with a digest when given by one)
+        V1EnvVar(name="LABYARD_IMAGE", value=image),
         V1EnvVar(name="LABYARD_NOTEBOOK_FILE", value=f"{NOTEBOOK_MOUNT}/{NOTEBOOK_KEY}"),
         V1EnvVar(name="LABYARD_OUTPUT_DIR", value=OUTPUT_DIR),
         V1EnvVar(name="LABYARD_PARAMETERS", value=json.dumps(parameters)),
@@ -255,7 +257,6 @@ def make_job(schedule: Schedule, run: Run, identity: Identity, project: Project,
         env = template.spec.containers[0].env
         env.append(V1EnvVar(name="LABYARD_REPRODUCE", value=repro.model_dump_json()))
         if repro.image and "@sha256:" in repro.image:
-            env.append(V1EnvVar(name="LABYARD_IMAGE", value=repro.image))
             env.append(V1EnvVar(name="LABYARD_IMAGE_DIGEST", value=repro.image.split("@", 1)[1]))
     return V1Job(
         api_version="batch/v1", kind="Job",
