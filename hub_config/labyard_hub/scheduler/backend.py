@@ -378,14 +378,9 @@ class Backend:
             except TokenError as e:
                 log.warning("reproduce: could not revoke %s's read token (it expires in 10 minutes): %s",
                             identity.username, e)
-        try:
-            recorded = json.loads(tags.get("labyard.parameters") or "{}")
-        except ValueError:
-            recorded = {}
-        if not isinstance(recorded, dict):
-            recorded = {}
         _, flavor = self.access.authorize(identity, project, tags["labyard.flavor"])
         digest, specs = await self.parameters_of(identity, project, notebook or files[0]["path"].split("/")[-1], raw)
+        recorded = recorded_parameters(tags, original, specs)
         params = validate_parameters(specs, {**recorded, **req.parameters})
         reproduction = Reproduction(
             of=req.reproduce, changes=describe_changes(recorded, req.parameters, req.use_current_data),
@@ -509,6 +504,29 @@ class Backend:
 
     async def _log(self, run: Run) -> str | None:
         raise NotImplementedError
+
+
+def recorded_parameters(tags: dict[str, str], run: dict, specs: list[Parameter]) -> dict[str, Any]:
+    """The parameters a recorded run ran with: its ``labyard.parameters`` tag; for a scheduled run
+    recorded before that tag existed, its MLflow params that name a parameter of the notebook
+    (the papermill wrapper logged them as JSON, strings as they are)."""
+    try:
+        recorded = json.loads(tags["labyard.parameters"]) if "labyard.parameters" in tags else None
+    except ValueError:
+        recorded = None
+    if isinstance(recorded, dict):
+        return recorded
+    if tags.get("labyard.run_kind") != "scheduled":
+        return {}
+    names = {s.name: s for s in specs}
+    out: dict[str, Any] = {}
+    for p in run.get("data", {}).get("params", []):
+        if p["key"] in names:
+            try:
+                out[p["key"]] = json.loads(p["value"]) if names[p["key"]].type != "str" else p["value"]
+            except ValueError:
+                out[p["key"]] = p["value"]
+    return out
 
 
 def dumps(model) -> str:
