@@ -556,7 +556,8 @@ class _TokensWithoutHub:
 async def test_a_reproduction_runs_the_recorded_image_by_digest(project, service_accounts, mlflow_server, tmp_path):
     """Issue 15 on the testbed: a run recorded on Kubernetes with its image's digest is reproduced,
     a week later, when the project's image is a tag: the service creates a Job whose container is
-    the recorded image by digest, as the user who asked, and the pod runner runs it to success.
+    the recorded image by digest, as the user who asked (alice; bob made the original), and the
+    pod runner runs it to success.
 
     The original is written into the real MLflow server with the tags a run pod of this version
     records (tests/reproduce shows them recorded for real, in local mode): the shared testbed's
@@ -577,7 +578,7 @@ async def test_a_reproduction_runs_the_recorded_image_by_digest(project, service
     exp = client.get_experiment_by_name("vision/score.ipynb")
     exp_id = exp.experiment_id if exp else client.create_experiment("vision/score.ipynb")
     original = client.create_run(exp_id, tags={
-        "labyard.project": "vision", "labyard.user": "alice", "labyard.notebook": "score.ipynb",
+        "labyard.project": "vision", "labyard.user": "bob", "labyard.notebook": "score.ipynb",
         "labyard.notebook_sha256": hashlib.sha256(raw).hexdigest(), "labyard.parameters": '{"epochs": 3}',
         "labyard.flavor": "cpu", "labyard.mode": "kubernetes", "labyard.image": f"labyard/singleuser@{digest}",
         "labyard.image_digest": digest, "labyard.requirements": "environment/requirements.txt",
@@ -595,16 +596,16 @@ async def test_a_reproduction_runs_the_recorded_image_by_digest(project, service
     await b.start()
     again = None
     try:
-        again = await b.reproduce(BOB, ReproduceCreate(reproduce=original))
-        assert again.owner == "bob" and again.parameters == {"epochs": 3}  # as who asked, not as alice
+        again = await b.reproduce(ALICE, ReproduceCreate(reproduce=original))
+        assert again.owner == "alice" and again.parameters == {"epochs": 3}  # as who asked, not as bob
         assert again.reproduce.image == f"labyard/singleuser@{digest}" and again.reproduce.metrics == {"score": 0.75}
         job = project.api.get(f"/apis/batch/v1/namespaces/{NS}/jobs", labelSelector=f"labyard.dev/run={again.id}")["items"][0]
         container = job["spec"]["template"]["spec"]["containers"][0]
         assert container["image"] == f"labyard/singleuser@{digest}"
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["LABYARD_IMAGE_DIGEST"] == digest and json.loads(env["LABYARD_REPRODUCE"])["of"] == original
-        assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == BOB.uid
-        done = await _wait_run(b, BOB, again.id)
+        assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == ALICE.uid
+        done = await _wait_run(b, ALICE, again.id)
         pod = job_pod(project, job["metadata"]["name"])["metadata"]["name"]
         assert done.status.value == "succeeded", (done.error, project.kubectl("logs", "-n", NS, pod).stdout[-3000:])
         assert done.reproduce.of == original  # read back from the Job

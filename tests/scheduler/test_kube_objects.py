@@ -191,3 +191,20 @@ def test_run_pods_log_to_mlflow_with_the_schedules_token():
     # without MLflow, no token
     env = {e.name for e in make_cronjob(s, ALICE, project, flavor, image="i").spec.job_template.spec.template.spec.containers[0].env}
     assert "MLFLOW_TRACKING_TOKEN" not in env
+
+
+def test_run_output_directories_are_the_projects(tmp_path):
+    """scheduled-runs/<notebook>/ in the project volume is shared by the project's members (the
+    pod's group): a directory one member's run made 0755 (the default umask) is made
+    group-writable by the next run of that member, and new ones are made so; else another member's
+    run (a reproduction of it, say) fails with 'Permission denied'."""
+    import os
+    import stat
+
+    from labyard_hub.scheduler.podrun import shared_dir
+
+    (tmp_path / "scheduled-runs").mkdir(mode=0o755)
+    os.chmod(tmp_path / "scheduled-runs", 0o755)
+    shared_dir(tmp_path / "scheduled-runs" / "train")
+    for d in (tmp_path / "scheduled-runs", tmp_path / "scheduled-runs" / "train"):
+        assert stat.S_IMODE(d.stat().st_mode) & 0o070 == 0o070, oct(d.stat().st_mode)
