@@ -6,7 +6,8 @@
      "ui_url" (the experiment in the MLflow UI, through the hub), "runs": [run, ...], "queue": {...}}
 
 where a run is ``{"run_id", "name", "status", "start_time", "end_time" (ms), "user", "params",
-"metrics", "tags" (labyard.* only), "url"}``, newest first. ``GET /labyard/runs/status`` answers
+"metrics", "tags" (labyard.* only), "url", "reproducible"}``, newest first; ``reproducible``
+lists what the run lacks to be reproduced (``["no image digest"]``; empty: nothing). ``GET /labyard/runs/status`` answers
 the queue part alone: what the kernels of this user still have to send.
 
 The server talks to MLflow itself (the browser never does), through the MLflow gate with this
@@ -29,6 +30,7 @@ from jupyter_server.base.handlers import APIHandler
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
 from .autolog.config import default_queue_dir, experiment_name
+from .autolog.reproduce import missing
 from .autolog.sync import read_status
 
 MAX_RUNS = 100
@@ -150,6 +152,7 @@ def _run_model(run: dict, experiment_id: str) -> dict:
         "metrics": {m["key"]: m["value"] for m in data.get("metrics", [])},
         "tags": {k: v for k, v in tags.items() if k.startswith("labyard.") and k not in ("labyard.provenance_id", "labyard.local_run_id")},
         "url": f"{ui_base()}#/experiments/{experiment_id}/runs/{info['run_id']}",
+        "reproducible": missing(tags),
     }
 
 

@@ -104,6 +104,16 @@ class SchedulerProxyHandler(APIHandler):
         self.set_header("Content-Type", resp.headers.get("Content-Type", "application/json"))
         self.finish(resp.body or b"")
 
+    def _with_project(self) -> bytes:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except json.JSONDecodeError as e:
+            raise tornado.web.HTTPError(400, f"body is not JSON: {e}") from e
+        if isinstance(data, dict) and self.project:
+            self._same_project(data.get("project"))
+            data["project"] = self.project
+        return json.dumps(data).encode()
+
     async def _with_notebook(self) -> bytes:
         try:
             data = json.loads(self.request.body or b"{}")
@@ -132,6 +142,8 @@ class SchedulerProxyHandler(APIHandler):
     async def post(self, path):
         if path.strip("/") in ("schedules", "inspect"):
             body = await self._with_notebook()
+        elif path.strip("/") == "runs":  # a reproduction: of a run of this server's project only
+            body = self._with_project()
         elif path.endswith("/open") and path.startswith("runs/"):
             return await self.open_output(path.split("/")[1])
         else:

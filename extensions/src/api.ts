@@ -2,6 +2,8 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
 import { IDiffRequest, IDiffResponse, refusalMessage } from './diff-model';
+import { IReproduceRequest } from './reproduce-model';
+import { IReproductionRun } from './runs-api';
 import {
   IInspectResult,
   ISchedule,
@@ -54,6 +56,13 @@ export class LabyardClient {
   }
   cancelRun(id: string): Promise<IScheduledRun> {
     return this.request('POST', `scheduler/runs/${id}/cancel`);
+  }
+  /** Reproduce a recorded MLflow run (POST scheduler/runs): the reproduction's scheduled run. */
+  reproduce(req: IReproduceRequest): Promise<IReproductionRun> {
+    return this.request('POST', 'scheduler/runs', req);
+  }
+  getReproduction(id: string): Promise<IReproductionRun> {
+    return this.request('GET', `scheduler/runs/${id}`);
   }
   /** Copy a run's output notebook into the project; returns its path there. */
   openRunOutput(id: string): Promise<{ path: string }> {

@@ -1,6 +1,7 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+
 /** One MLflow run as the server extension reports it (GET /labyard/runs). */
 export interface IRun {
   run_id: string;
@@ -13,6 +14,17 @@ export interface IRun {
   metrics: Record<string, number>;
   tags: Record<string, string>;
   url: string;
+  /** what the run lacks to be reproduced (empty: nothing) */
+  reproducible: string[];
+}
+
+/** The part of a scheduled run (labyard-scheduler) the Runs panel follows. */
+export interface IReproductionRun {
+  id: string;
+  status: 'pending' | 'running' | 'succeeded' | 'failed' | 'cancelled';
+  error: string | null;
+  mlflow_run_id: string | null;
+  reproduce: { of: string; changes: string[]; changed_inputs: string[]; warnings: string[] } | null;
 }
 
 /** What the user's kernels still have to send to MLflow. */

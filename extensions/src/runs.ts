@@ -11,12 +11,23 @@ import { Widget } from '@lumino/widgets';
 import { LabyardClient } from './api';
 import { openDiff } from './diff';
 import { DiffSource, IDiffRequest, previousRun } from './diff-model';
-import { INotebookRuns, IRun, RunsClient } from './runs-api';
+import {
+  groupReproductions,
+  IReproduceForm,
+  notReproducible,
+  originalOf,
+  recordedParameters,
+  reproduceRequest,
+  verdictText
+} from './reproduce-model';
+import { INotebookRuns, IReproductionRun, IRun, RunsClient } from './runs-api';
 
 /** Opens a comparison in the main area (absent: no comparison buttons). */
 export type CompareFn = (request: IDiffRequest, title: string) => void;
 
 const REFRESH_MS = 10_000;
+/** how often a reproduction that was started here is looked at until it is judged */
+const FOLLOW_MS = 3_000;
 
 /** The path of a document widget (a notebook), or null for anything else. */
 function notebookPath(widget: Widget | null): string | null {
@@ -78,8 +89,10 @@ export class RunsPanel extends Widget {
   private data: INotebookRuns | null = null;
   private selected: string[] = [];
   private timer: number | undefined;
+  /** what the panel says about reproductions started from it */
+  private notice: { text: string; error: boolean } | null = null;
 
-  constructor(private client = new RunsClient(), private compare: CompareFn | null = null) {
+  constructor(private client = new RunsClient(), private compare: CompareFn | null = null, private labyard = new LabyardClient()) {
     super();
     this.id = 'labyard-runs';
     this.addClass('labyard-runs');
@@ -139,6 +152,9 @@ export class RunsPanel extends Widget {
     if (error) {
       node.append(el('p', { className: 'labyard-runs-error', textContent: error }));
     }
+    if (this.notice) {
+      node.append(el('p', { className: `labyard-runs-notice${this.notice.error ? ' labyard-runs-error' : ''}`, textContent: this.notice.text }));
+    }
     const data = this.data;
     if (!data) {
       if (!error) {
@@ -179,8 +195,8 @@ export class RunsPanel extends Widget {
       params: varyingKeys(runs.map(r => r.params)),
       metrics: varyingKeys(runs.map(r => r.metrics))
     };
-    const head = el('tr', {}, ['', 'Run', 'Status', 'User', 'Started', 'Duration', 'Params', 'Metrics', ...(this.compare ? ['Compare'] : [])].map(h => el('th', { textContent: h })));
-    const rows = runs.map(run => {
+    const head = el('tr', {}, ['', 'Run', 'Status', 'User', 'Started', 'Duration', 'Params', 'Metrics', 'Reproduce', ...(this.compare ? ['Compare'] : [])].map(h => el('th', { textContent: h })));
+    const rows = groupReproductions(runs).map(({ run, depth }) => {
       const box = el('input', { type: 'checkbox', checked: this.selected.includes(run.run_id), title: 'Select to compare' });
       box.onchange = () => {
         this.selected = box.checked
@@ -199,23 +215,128 @@ export class RunsPanel extends Widget {
         el('td', { textContent: formatDuration(run) }),
         el('td', { className: 'labyard-runs-params', textContent: keyParams, title: JSON.stringify(run.params, null, 1) }),
         el('td', { className: 'labyard-runs-metrics', textContent: keyMetrics, title: JSON.stringify(run.metrics, null, 1) }),
+        el('td', { className: 'labyard-runs-reproduce-cell' }, this.reproduceCell(run)),
         ...(this.compare ? [el('td', { className: 'labyard-runs-compare-actions' }, this.compareButtons(run, runs))] : [])
       ]);
       row.dataset.runId = run.run_id;
+      if (depth) {
+        row.classList.add('labyard-runs-reproduction');
+        row.dataset.reproduces = originalOf(run) ?? '';
+      }
       return row;
     });
     return el('table', { className: 'labyard-runs-table' }, [el('thead', {}, [head]), el('tbody', {}, rows)]);
   }
 
+  /** The verdict of a reproduction, what a run lacks to be reproduced, and "Reproduce…". */
+  private reproduceCell(run: IRun): (HTMLElement | string)[] {
+    const out: HTMLElement[] = [];
+    const verdict = verdictText(run);
+    if (verdict) {
+      const v = run.tags['labyard.verdict'];
+      out.push(el('span', { className: `labyard-runs-verdict labyard-runs-verdict-${v}`, textContent: verdict, title: run.tags['labyard.reproduce.changes'] ? `changed: ${run.tags['labyard.reproduce.changes']}` : '' }));
+    } else if (originalOf(run)) {
+      out.push(el('span', { className: 'labyard-runs-verdict', textContent: run.status === 'RUNNING' ? 'reproducing…' : 'no verdict' }));
+    }
+    const gaps = notReproducible(run);
+    if (gaps) {
+      out.push(el('span', { className: 'labyard-runs-not-reproducible', textContent: gaps }));
+    }
+    const button = el('button', { className: 'jp-Button labyard-runs-reproduce', textContent: 'Reproduce…', title: 'Run this again: the same notebook, parameters and environment (or with changes)' });
+    button.disabled = (run.reproducible ?? []).includes('no notebook snapshot');
+    button.onclick = () => void this.reproduce(run);
+    out.push(button);
+    if (this.compare && originalOf(run) && this.data?.runs.some(r => r.run_id === originalOf(run))) {
+      const original = this.data.runs.find(r => r.run_id === originalOf(run)) as IRun;
+      const b = el('button', { className: 'jp-Button labyard-runs-compare-original', textContent: 'Compare with original' });
+      b.onclick = () => (this.compare as CompareFn)(this.pair(original, run), `${original.name} vs reproduction ${run.name}`);
+      out.push(b);
+    }
+    return out;
+  }
+
+  /** The dialog ("Reproduce" / "Reproduce with changes"), then the request, then following it. */
+  private async reproduce(run: IRun): Promise<void> {
+    const params = el('textarea', { className: 'labyard-reproduce-parameters', value: recordedParameters(run), rows: 3, cols: 40 });
+    const current = el('input', { type: 'checkbox', className: 'labyard-reproduce-current-data' });
+    const tolerance = el('input', { type: 'text', className: 'labyard-reproduce-tolerance', value: '0', size: 8 });
+    const warn = el('input', { type: 'checkbox', className: 'labyard-reproduce-warn' });
+    const body = new Widget();
+    body.addClass('labyard-reproduce-dialog');
+    body.node.append(
+      el('p', { textContent: `Run ${run.name} again: its notebook as recorded, in ${run.tags['labyard.project'] ?? 'its project'}, as you.` }),
+      el('label', { textContent: 'Parameters (JSON; change them to reproduce with changes)' }, [el('br'), params]),
+      el('br'),
+      el('label', {}, [current, ' Use current data (the input files as they are now, even if they changed)']),
+      el('br'),
+      el('label', {}, ['Metrics tolerance (relative, 0 = exact) ', tolerance]),
+      el('br'),
+      el('label', {}, [warn, ' Run even if the environment differs from the recorded one (warn instead of refusing)'])
+    );
+    const result = await showDialog({ title: `Reproduce ${run.name}`, body, buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Reproduce' })] });
+    if (!result.button.accept) {
+      return;
+    }
+    const form: IReproduceForm = { parameters: params.value, useCurrentData: current.checked, tolerance: tolerance.value, warnOnEnvironment: warn.checked };
+    try {
+      const started = await this.labyard.reproduce(reproduceRequest(run, form));
+      const warnings = started.reproduce?.warnings ?? [];
+      this.notice = { text: `Reproducing ${run.name} (scheduled run ${started.id})${warnings.length ? `; warning: ${warnings.join('; ')}` : ''}`, error: false };
+      this.render();
+      void this.follow(started, run);
+    } catch (error) {
+      this.notice = { text: `Cannot reproduce ${run.name}: ${(error as Error).message}`, error: true };
+      this.render();
+    }
+  }
+
+  /** Wait for a reproduction to finish and reach MLflow with its verdict; then compare it with its original. */
+  private async follow(started: IReproductionRun, original: IRun): Promise<void> {
+    let run = started;
+    while (!['succeeded', 'failed', 'cancelled'].includes(run.status)) {
+      await new Promise(resolve => window.setTimeout(resolve, FOLLOW_MS));
+      try {
+        run = await this.labyard.getReproduction(run.id);
+      } catch {
+        // the scheduler restarted, or a hiccup: keep following
+      }
+    }
+    for (let i = 0; i < 60; i++) {
+      try {
+        run = await this.labyard.getReproduction(run.id);
+      } catch {
+        // try again
+      }
+      await this.refresh();
+      const mine = this.data?.runs.find(r => r.run_id === run.mlflow_run_id);
+      if (mine && (mine.tags['labyard.verdict'] || run.status !== 'succeeded')) {
+        this.notice = { text: `Reproduction of ${original.name}: ${verdictText(mine) ?? run.status}`, error: run.status !== 'succeeded' };
+        this.render();
+        if (this.compare) {
+          this.compare(this.pair(original, mine), `${original.name} vs reproduction ${mine.name}`);
+        }
+        return;
+      }
+      await new Promise(resolve => window.setTimeout(resolve, FOLLOW_MS));
+    }
+    this.notice = { text: `The reproduction of ${original.name} (${run.id}) ${run.status}${run.error ? `: ${run.error}` : ''}; not in MLflow yet`, error: true };
+    this.render();
+  }
+
+  /** The comparison of two runs: two scheduled runs by their executed notebooks (outputs
+   * included), not by the snapshots they started from, which are the same notebook when only
+   * the parameters changed; otherwise the notebooks the runs recorded. */
+  private pair(a: IRun, b: IRun): IDiffRequest {
+    const scheduled = (r: IRun) => r.tags['labyard.run_kind'] === 'scheduled';
+    return scheduled(a) && scheduled(b)
+      ? { base: { kind: 'mlflow', run_id: a.run_id, artifact: 'output' }, remote: { kind: 'mlflow', run_id: b.run_id, artifact: 'output' } }
+      : { base: { kind: 'mlflow', run_id: a.run_id }, remote: { kind: 'mlflow', run_id: b.run_id } };
+  }
+
   private compareButtons(run: IRun, runs: IRun[]): HTMLButtonElement[] {
     const compare = this.compare as CompareFn;
     const source = (r: IRun): DiffSource => ({ kind: 'mlflow', run_id: r.run_id });
-    // two scheduled runs: their executed notebooks (outputs included), not the snapshots they
-    // started from, which are the same notebook when only the parameters changed
-    const scheduled = (r: IRun) => r.tags['labyard.run_kind'] === 'scheduled';
-    const pair = (a: IRun, b: IRun): IDiffRequest => scheduled(a) && scheduled(b)
-      ? { base: { kind: 'mlflow', run_id: a.run_id, artifact: 'output' }, remote: { kind: 'mlflow', run_id: b.run_id, artifact: 'output' } }
-      : { base: source(a), remote: source(b) };
+    const pair = (a: IRun, b: IRun): IDiffRequest => this.pair(a, b);
     const previous = previousRun(runs.map(r => ({ id: r.run_id, time: r.start_time, run: r })), run.run_id);
     const buttons: HTMLButtonElement[] = [];
     if (previous) {
@@ -299,7 +420,7 @@ export const runsPlugin: JupyterFrontEndPlugin<void> = {
   activate: (app: JupyterFrontEnd, labShell: ILabShell, statusBar: IStatusBar | null, rendermime: IRenderMimeRegistry | null) => {
     const labyard = new LabyardClient();
     const compare: CompareFn | null = rendermime ? (request, title) => openDiff(app, labyard, rendermime, request, title) : null;
-    const panel = new RunsPanel(new RunsClient(), compare);
+    const panel = new RunsPanel(new RunsClient(), compare, labyard);
     app.shell.add(panel, 'right', { rank: 600 });
     const follow = () => {
       const path = notebookPath(labShell.currentWidget);

@@ -536,3 +536,87 @@ def test_removal_in_ldap_suspends_the_leavers_cronjob(k8s_testbed, service_accou
         for sid in sids:
             tb.kubectl("delete", "job,cronjob,configmap", "-n", NS, "-l", f"labyard.dev/schedule={sid}", "--ignore-not-found")
         stack.stop()
+
+
+class _TokensWithoutHub:
+    """The hub's token API (``RunTokens``) for a backend without a hub: this test's MLflow server
+    has no gate, so no token is checked (the gate and the hub's tokens are exercised in local
+    mode by tests/reproduce). A stand-in, not a mock of behaviour under test."""
+
+    async def create(self, owner, note, seconds):
+        return "no-gate-here", f"{owner}-{note}"
+
+    async def revoke(self, owner, token_id):
+        return None
+
+    async def revoke_noted(self, owner, note):
+        return 0
+
+
+async def test_a_reproduction_runs_the_recorded_image_by_digest(project, service_accounts, mlflow_server, tmp_path):
+    """Issue 15 on the testbed: a run recorded on Kubernetes with its image's digest is reproduced,
+    a week later, when the project's image is a tag: the service creates a Job whose container is
+    the recorded image by digest, as the user who asked (alice; bob made the original), and the
+    pod runner runs it to success.
+
+    The original is written into the real MLflow server with the tags a run pod of this version
+    records (tests/reproduce shows them recorded for real, in local mode): the shared testbed's
+    pod runner runs pods with the Python of whichever worktree started the testbed
+    (``path_prefix`` in its config), so what the pod itself records here may be older code; the
+    verdict is therefore checked in local mode, and here what the service decides."""
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    from labyard_hub.scheduler.kube import KubernetesBackend
+    from labyard_hub.scheduler.models import ReproduceCreate
+
+    digest = "sha256:" + "5e" * 32
+    nb = json.loads(json.dumps(notebooks.training()))
+    raw = json.dumps(nb).encode()
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("vision/score.ipynb")
+    exp_id = exp.experiment_id if exp else client.create_experiment("vision/score.ipynb")
+    original = client.create_run(exp_id, tags={
+        "labyard.project": "vision", "labyard.user": "bob", "labyard.notebook": "score.ipynb",
+        "labyard.notebook_sha256": hashlib.sha256(raw).hexdigest(), "labyard.parameters": '{"epochs": 3}',
+        "labyard.flavor": "cpu", "labyard.mode": "kubernetes", "labyard.image": f"labyard/singleuser@{digest}",
+        "labyard.image_digest": digest, "labyard.requirements": "environment/requirements.txt",
+        "labyard.run_kind": "scheduled", "labyard.inputs.count": "0"}).info.run_id
+    (tmp_path / "notebook").mkdir()
+    (tmp_path / "notebook" / "score.ipynb").write_bytes(raw)
+    client.log_artifact(original, str(tmp_path / "notebook" / "score.ipynb"), "notebook")
+    client.log_metric(original, "score", 0.75)
+    client.set_terminated(original)
+
+    b = KubernetesBackend(Access(demo.policy()), tmp_path / "scheduler", image="labyard/singleuser:latest",
+                          mlflow_url=mlflow_server.url, run_tokens=_TokensWithoutHub(),
+                          kubeconfig=service_accounts["scheduler"], extra_labels=RUN_LOCAL,
+                          identities=StaticIdentities([ALICE, BOB, CAROL, ADMIN]))
+    await b.start()
+    again = None
+    try:
+        again = await b.reproduce(ALICE, ReproduceCreate(reproduce=original))
+        assert again.owner == "alice" and again.parameters == {"epochs": 3}  # as who asked, not as bob
+        assert again.reproduce.image == f"labyard/singleuser@{digest}" and again.reproduce.metrics == {"score": 0.75}
+        job = project.api.get(f"/apis/batch/v1/namespaces/{NS}/jobs", labelSelector=f"labyard.dev/run={again.id}")["items"][0]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == f"labyard/singleuser@{digest}"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["LABYARD_IMAGE_DIGEST"] == digest and json.loads(env["LABYARD_REPRODUCE"])["of"] == original
+        assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == ALICE.uid
+        done = await _wait_run(b, ALICE, again.id)
+        pod = job_pod(project, job["metadata"]["name"])["metadata"]["name"]
+        assert done.status.value == "succeeded", (done.error, project.kubectl("logs", "-n", NS, pod).stdout[-3000:])
+        assert done.reproduce.of == original  # read back from the Job
+        # carol is not in vision: refused before anything is made
+        from labyard_hub.access import AccessError
+
+        with pytest.raises(AccessError) as e:
+            await b.reproduce(CAROL, ReproduceCreate(reproduce=original))
+        assert e.value.status == 403
+    finally:
+        await b.stop()
+        if again is not None:
+            project.kubectl("delete", "job,cronjob,configmap,secret", "-n", NS, "-l",
+                            f"labyard.dev/schedule={again.schedule_id}", "--ignore-not-found")

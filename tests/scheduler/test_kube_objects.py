@@ -11,7 +11,7 @@ from labyard_hub import demo
 from labyard_hub.access import Access
 from labyard_hub.projects import Identity, Project
 from labyard_hub.scheduler.kube import make_cronjob, make_job, make_notebook_configmap
-from labyard_hub.scheduler.models import Run, Schedule, now
+from labyard_hub.scheduler.models import Reproduction, Run, Schedule, now
 
 VISION = Project(name="vision", gid=20001)
 ALICE = Identity(username="alice", uid=10001, gid=10000, projects=(VISION,))
@@ -103,6 +103,32 @@ def test_job_for_a_run_now_with_overrides():
     assert job.spec.backoff_limit == 0 and job.spec.active_deadline_seconds == 60 + 600
 
 
+def test_a_reproductions_job_runs_the_recorded_image_by_digest():
+    """Issue 15: the original's image pinned by digest (the tag may point elsewhere by now), the
+    reproduction's record in the pod's environment, and read back from the Job as the run."""
+    from labyard_hub.scheduler.kube import KubernetesBackend
+
+    s = schedule(flavor="cpu", cron=None)
+    digest = "sha256:" + "c0" * 32
+    repro = Reproduction(of="f" * 32, changes=["use_current_data"], metrics={"rmse": 0.25},
+                         image=f"registry.local/labyard/singleuser@{digest}")
+    run = Run(id="r-bbbbbbbbbbbb", schedule_id=s.id, owner="alice", project="vision", notebook=s.notebook,
+              notebook_sha256=s.notebook_sha256, flavor="cpu", created=now(), reproduce=repro)
+    job = make_job(s, run, ALICE, *models(s), image="registry.local/labyard/singleuser:latest")
+    c = job.spec.template.spec.containers[0]
+    assert c.image == f"registry.local/labyard/singleuser@{digest}"
+    env = {e.name: e.value for e in c.env}
+    assert env["LABYARD_IMAGE_DIGEST"] == digest and Reproduction.model_validate_json(env["LABYARD_REPRODUCE"]) == repro
+    job.status = type("Status", (), {"conditions": None, "active": 1, "failed": None, "succeeded": None,
+                                     "start_time": None, "completion_time": None})()
+    job.metadata.creation_timestamp = now()
+    assert KubernetesBackend._run_from_job(job).reproduce == repro
+    # an ordinary run keeps the project's image
+    plain = make_job(s, run.model_copy(update={"reproduce": None}), ALICE, *models(s), image="img")
+    assert plain.spec.template.spec.containers[0].image == "img"
+    assert "LABYARD_REPRODUCE" not in {e.name for e in plain.spec.template.spec.containers[0].env}
+
+
 def test_a_paused_schedule_carries_its_reason_on_the_cronjob():
     s = schedule(paused=True, paused_reason="bob is no longer a member of project 'vision'")
     cj = make_cronjob(s, ALICE, *models(s), image="img")
@@ -165,3 +191,20 @@ def test_run_pods_log_to_mlflow_with_the_schedules_token():
     # without MLflow, no token
     env = {e.name for e in make_cronjob(s, ALICE, project, flavor, image="i").spec.job_template.spec.template.spec.containers[0].env}
     assert "MLFLOW_TRACKING_TOKEN" not in env
+
+
+def test_run_output_directories_are_the_projects(tmp_path):
+    """scheduled-runs/<notebook>/ in the project volume is shared by the project's members (the
+    pod's group): a directory one member's run made 0755 (the default umask) is made
+    group-writable by the next run of that member, and new ones are made so; else another member's
+    run (a reproduction of it, say) fails with 'Permission denied'."""
+    import os
+    import stat
+
+    from labyard_hub.scheduler.podrun import shared_dir
+
+    (tmp_path / "scheduled-runs").mkdir(mode=0o755)
+    os.chmod(tmp_path / "scheduled-runs", 0o755)
+    shared_dir(tmp_path / "scheduled-runs" / "train")
+    for d in (tmp_path / "scheduled-runs", tmp_path / "scheduled-runs" / "train"):
+        assert stat.S_IMODE(d.stat().st_mode) & 0o070 == 0o070, oct(d.stat().st_mode)

@@ -182,10 +182,59 @@ class Autolog:
         self.syncer.stop(flush_seconds=3)
 
 
+class ScheduledKernel:
+    """The kernel of a scheduled run (``python -m labyard_lab.autolog.papermill`` records the run;
+    its kernel has ``LABYARD_AUTOLOG=off``): notes the input files the notebook reads, written
+    after every cell to ``$LABYARD_KERNEL_INPUTS`` for the wrapper to fingerprint, and, with
+    ``LABYARD_AUTOLOG_LIBRARIES=1`` (a reproduction of an interactive run, which had it),
+    switches ``mlflow.autolog()`` on as an interactive kernel does."""
+
+    def __init__(self, out: Path, project_dir: Path, libraries: bool):
+        from .provenance import InputTracker
+
+        self.out = out
+        self.inputs = InputTracker(project_dir, exclude=(out.parent,))
+        self.inputs.install()
+        self.libraries = libraries
+
+    def pre_run_cell(self, *_args) -> None:
+        if not self.libraries:
+            return
+        self.libraries = False
+        try:
+            import warnings
+
+            import mlflow
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mlflow.autolog(log_models=False, silent=True)
+            warnings.filterwarnings("ignore", message="`y_pred` was renamed to `y_proba`", category=FutureWarning)
+        except Exception:  # noqa: BLE001 - recording must never break the run
+            log.exception("mlflow.autolog failed in a scheduled kernel")
+
+    def post_run_cell(self, *_args) -> None:
+        import json
+
+        try:
+            tmp = self.out.with_name(self.out.name + ".tmp")
+            tmp.write_text(json.dumps(self.inputs.snapshot()))
+            os.replace(tmp, self.out)
+        except OSError:
+            log.exception("cannot write the list of input files")
+
+
 def load_ipython_extension(ipython) -> None:
     """IPython entry point; cheap and silent when autolog is off."""
     if "autolog" in _state:
         return
+    inputs_file = os.environ.get("LABYARD_KERNEL_INPUTS")
+    if inputs_file and os.environ.get("LABYARD_PROJECT_DIR"):
+        kernel = ScheduledKernel(Path(inputs_file), Path(os.environ["LABYARD_PROJECT_DIR"]),
+                                 os.environ.get("LABYARD_AUTOLOG_LIBRARIES") == "1")
+        ipython.events.register("pre_run_cell", kernel.pre_run_cell)
+        ipython.events.register("post_run_cell", kernel.post_run_cell)
+        _state["scheduled"] = kernel
     config, reason = from_env()
     if config is None:
         _state["autolog"] = None

@@ -9,7 +9,17 @@ Usage (what the scheduler runs in the job's process or pod)::
 Environment: ``LABYARD_PROJECT`` (required), ``JUPYTERHUB_USER`` (or ``LABYARD_USER``),
 ``MLFLOW_TRACKING_URI`` (the platform server), ``LABYARD_PROJECT_DIR`` (notebook paths are made
 relative to it), optionally ``LABYARD_AUTOLOG_QUEUE``, and ``LABYARD_SCHEDULE_ID`` and ``LABYARD_RUN_ID`` (the
-scheduler's names of the run, recorded as the tags ``labyard.schedule`` and ``labyard.scheduled_run``).
+scheduler's names of the run, recorded as the tags ``labyard.schedule`` and ``labyard.scheduled_run``),
+and ``LABYARD_REPRODUCE`` (JSON, set by the scheduler when the run reproduces a recorded one:
+``of`` the original MLflow run id, ``changes``, ``changed_inputs``, ``warnings``,
+``tolerance``, ``metrics`` (the original's), ``autolog_libraries``).
+
+A reproduction is tagged ``labyard.reproduces = <original run id>``, ``labyard.reproduce.changes``
+(``none``, or e.g. ``parameters: alpha; use_current_data``), ``labyard.reproduce.inputs`` (the
+input files that changed or vanished since the original) and, when the notebook is done, its
+verdict ``labyard.verdict`` (``reproduced``, ``differs`` or ``failed``) with
+``labyard.verdict.detail`` (which metrics differ, and by how much): computed here, by the run
+itself, so that it is recorded whatever happens to the scheduler meanwhile.
 
 The run is recorded in the experiment ``<project>/<input notebook path>`` with the parameters as
 params, the tags of an interactive run plus ``labyard.run_kind = scheduled``, and the input and
@@ -39,8 +49,45 @@ from pathlib import Path
 import yaml
 
 from .config import AutologConfig, default_queue_dir, experiment_name, system_metrics
-from .provenance import Provenance
-from . import sync
+from .provenance import Provenance, fingerprint_file
+from . import journal, reproduce, sync
+
+
+def latest_metrics(store: Path, run_id: str) -> dict[str, float]:
+    """The latest value of each metric of ``run_id`` in every journal of ``store`` (the kernel's
+    and this process's), as MLflow picks it: the highest (step, timestamp)."""
+    best: dict[str, tuple] = {}
+
+    def note(key, value, ts, step):
+        point = (step, ts, value)
+        if key not in best or point[:2] >= best[key][:2]:
+            best[key] = point
+
+    for path in sorted((store / journal.JOURNAL_DIR).glob("*.jsonl")):
+        offset = 0
+        while True:
+            records, nxt, _ = journal.read_records(path, offset)
+            for _, rec in records:
+                if rec[0] == "m" and rec[1] == run_id:
+                    note(rec[2], rec[3], rec[4], rec[5])
+                elif rec[0] == "b" and rec[1] == run_id:
+                    for m in rec[2]:
+                        note(m[0], m[1], m[2], m[3])
+            if nxt == offset:
+                break
+            offset = nxt
+    return {k: float(v[2]) for k, v in best.items()}
+
+
+def input_fingerprints(listed: Path, root: Path) -> dict | None:
+    """``inputs.json`` of a scheduled run: the files its kernel read (``listed``), fingerprinted now."""
+    try:
+        files = json.loads(listed.read_text())
+    except (OSError, ValueError):
+        return None
+    for entry in files:
+        entry.update(fingerprint_file(root / entry["path"], entry["size"], entry["mtime_ns"]))
+    return {"root": str(root), "files": files}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -102,7 +149,14 @@ def run(argv: list[str] | None = None) -> int:
     exp_id = client.create_experiment(experiment)
     provenance = Provenance(config, inputs=None)
     provenance.gather_kernel_facts()
-    tags = provenance.run_tags()
+    tags = provenance.run_tags(parameters=params)
+    repro = json.loads(env.get("LABYARD_REPRODUCE") or "null")
+    if repro:
+        tags["labyard.reproduces"] = repro["of"]
+        tags["labyard.reproduce.changes"] = "; ".join(repro.get("changes") or []) or "none"
+        tags["labyard.reproduce.inputs"] = ", ".join(repro.get("changed_inputs") or []) or "unchanged"
+        if repro.get("warnings"):
+            tags["labyard.reproduce.warnings"] = "; ".join(repro["warnings"])[:8000]
     if notebook_rel:
         tags.update({"labyard.notebook": notebook_rel, "mlflow.source.name": notebook_rel})
     tags["labyard.run_kind"] = "scheduled"
@@ -125,8 +179,11 @@ def run(argv: list[str] | None = None) -> int:
     import jupyter_client.kernelspec  # noqa: F401
 
     # the kernel logs into this run through the journal; system metrics are this process's job
+    kernel_inputs = store / "kernel-inputs.json"
     kernel_env = {**local, "MLFLOW_RUN_ID": run_id, "LABYARD_AUTOLOG": "off", "LABYARD_MLFLOW_URI": remote,
-                  "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+                  "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "LABYARD_KERNEL_INPUTS": str(kernel_inputs),
+                  "LABYARD_PROJECT_DIR": str(config.project_dir),
+                  "LABYARD_AUTOLOG_LIBRARIES": "1" if repro and repro.get("autolog_libraries") else "0"}
     saved = {k: os.environ.get(k) for k in kernel_env}
     os.environ.update(kernel_env)
     monitor = None
@@ -160,6 +217,24 @@ def run(argv: list[str] | None = None) -> int:
     commit_all()
     if out.exists():
         client.log_artifact(run_id, str(out), "output")
+    inputs = input_fingerprints(kernel_inputs, config.project_dir)
+    end_tags = {}
+    if inputs is not None:
+        listing = store / "inputs.json"
+        listing.write_text(json.dumps(inputs, indent=1))
+        client.log_artifact(run_id, str(listing))
+        import hashlib
+
+        end_tags["labyard.inputs.count"] = str(len(inputs["files"]))
+        end_tags["labyard.inputs_sha256"] = hashlib.sha256(json.dumps(inputs["files"], sort_keys=True).encode()).hexdigest()
+    end_tags["labyard.reproducible"] = reproduce.reproducible_tag({**tags, **end_tags})
+    if repro:
+        verdict, detail = reproduce.verdict(repro.get("metrics") or {}, latest_metrics(store, run_id),
+                                            float(repro.get("tolerance") or 0), failed=status != "FINISHED")
+        end_tags["labyard.verdict"] = verdict
+        end_tags["labyard.verdict.detail"] = detail[:8000]
+    for key, value in end_tags.items():
+        client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status)
     sync.release(store)
     syncer.stop(flush_seconds=0)

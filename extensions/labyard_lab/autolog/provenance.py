@@ -140,6 +140,26 @@ def image_name(env: dict[str, str] | None = None) -> str:
     return env.get("LABYARD_IMAGE") or env.get("JUPYTER_IMAGE_SPEC") or env.get("JUPYTER_IMAGE") or "local"
 
 
+def image_digest(env: dict[str, str] | None = None) -> str | None:
+    """The image's digest (``sha256:...``): ``$LABYARD_IMAGE_DIGEST`` (a pod whose image the
+    platform pinned by digest gets it), else the digest of an image reference ``name@sha256:...``."""
+    env = os.environ if env is None else env
+    if env.get("LABYARD_IMAGE_DIGEST"):
+        return env["LABYARD_IMAGE_DIGEST"]
+    name = image_name(env)
+    return name.split("@", 1)[1] if "@sha256:" in name else None
+
+
+def platform_mode(env: dict[str, str] | None = None) -> str:
+    """``kubernetes`` in a pod (the image is the environment), else ``local`` (the Python environment is)."""
+    env = os.environ if env is None else env
+    return "kubernetes" if env.get("KUBERNETES_SERVICE_HOST") else "local"
+
+
+#: a dirty tree's diff is kept with the run up to this size
+MAX_GIT_DIFF = 64 * 1024
+
+
 def git_state(path: Path) -> dict[str, str]:
     """Commit, branch and dirty state of the repository holding ``path`` (empty if none)."""
     d = path if path.is_dir() else path.parent
@@ -171,6 +191,19 @@ def git_state(path: Path) -> dict[str, str]:
     return tags
 
 
+def git_diff(path: Path) -> str | None:
+    """``git diff HEAD`` of the repository holding ``path`` (None if it cannot be had)."""
+    git = shutil.which("git")
+    if not git:
+        return None
+    d = path if path.is_dir() else path.parent
+    try:
+        r = subprocess.run([git, "-C", str(d), "diff", "HEAD", "--no-color"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.decode(errors="replace") if r.returncode == 0 else None
+
+
 class Provenance:
     """Facts about this kernel; ``run_tags()`` is called for every run that starts in it."""
 
@@ -185,6 +218,8 @@ class Provenance:
     def gather_kernel_facts(self) -> None:
         """The slow part, run once in the background: packages and GPUs."""
         try:
+            from .reproduce import freeze_lock
+
             self._requirements = pip_freeze()
             model, count = gpu_info()
             self._kernel_facts = {
@@ -192,13 +227,24 @@ class Provenance:
                 "labyard.gpu.model": model,
                 "labyard.gpu.count": str(count),
                 "labyard.python": sys.version.split()[0],
+                "labyard.mode": platform_mode(),
+                "labyard.env.lock_sha256": freeze_lock(self._requirements),
+                "labyard.requirements": "environment/requirements.txt",
             }
+            digest = image_digest()
+            if digest:
+                self._kernel_facts["labyard.image_digest"] = digest
         finally:
             self._ready.set()
 
-    def run_tags(self) -> dict[str, str]:
+    def run_tags(self, parameters: dict | None = None) -> dict[str, str]:
         """Tags for a run starting now; also spools the notebook, packages and input list for the
-        syncer, which attaches them to the run as artifacts."""
+        syncer, which attaches them to the run as artifacts.
+
+        Args:
+            parameters: the notebook's parameters (papermill's); None: an interactive run, which
+                runs the notebook with its own values (recorded as ``{}``).
+        """
         c = self.config
         self._ready.wait(10)
         pid = uuid.uuid4().hex
@@ -207,11 +253,14 @@ class Provenance:
             "labyard.project": c.project,
             "labyard.notebook": c.notebook_relpath,
             "labyard.provenance_id": pid,
+            "labyard.parameters": json.dumps(parameters or {}, sort_keys=True, default=str)[:8000],
             "mlflow.user": c.user,
             "mlflow.source.name": c.notebook_relpath,
             "mlflow.source.type": "NOTEBOOK",
             **self._kernel_facts,
         }
+        if os.environ.get("LABYARD_FLAVOR"):
+            tags["labyard.flavor"] = os.environ["LABYARD_FLAVOR"]
         spool = self.spool / pid
         spool.mkdir(parents=True, exist_ok=True)
         nb = c.notebook_path
@@ -225,6 +274,14 @@ class Provenance:
                 (spool / "notebook").mkdir(exist_ok=True)
                 (spool / "notebook" / nb.name).write_bytes(data)
             tags.update(git_state(nb))
+            if tags.get("labyard.git.dirty") == "true":
+                diff = git_diff(nb)
+                if diff is not None and len(diff.encode()) <= MAX_GIT_DIFF:
+                    (spool / "git").mkdir(exist_ok=True)
+                    (spool / "git" / "diff.patch").write_text(diff)
+                    tags["labyard.git.diff"] = "git/diff.patch"
+                elif diff is not None:
+                    tags["labyard.git.diff"] = f"not kept: {len(diff.encode())} bytes (more than {MAX_GIT_DIFF})"
         else:
             tags["labyard.notebook_sha256"] = "none"
         if self._requirements:
@@ -234,4 +291,10 @@ class Provenance:
             files = self.inputs.snapshot()
             tags["labyard.inputs.count"] = str(len(files))
             (spool / "inputs.pending.json").write_text(json.dumps({"root": str(c.project_dir), "files": files}))
+        if not self._requirements:
+            tags.pop("labyard.requirements", None)
+        from .reproduce import reproducible_tag
+
+        # labyard.inputs_sha256 follows when the syncer has hashed the files: counted as there
+        tags["labyard.reproducible"] = reproducible_tag({**tags, "labyard.inputs_sha256": "pending"})
         return tags

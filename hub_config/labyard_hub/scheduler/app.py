@@ -33,7 +33,7 @@ from .. import isolation
 from ..access import Access, AccessError, Identities, HubIdentities, IdentityUnavailable
 from ..projects import Identity, validation_message
 from .backend import Backend, BadRequest, Conflict, NotFound, Unavailable
-from .models import RunCreate, ScheduleCreate, ScheduleUpdate, check_notebook_path
+from .models import ReproduceCreate, RunCreate, ScheduleCreate, ScheduleUpdate, check_notebook_path
 from .params import ParameterError
 
 log = logging.getLogger("labyard.scheduler")
@@ -242,6 +242,18 @@ class RunsHandler(APIHandler):
     async def get(self):
         self.send(await self.backend.list_runs(await self.identity(), schedule_id=self.get_argument("schedule", None),
                                                project=self.get_argument("project", None)))
+
+    @api_errors
+    async def post(self):
+        """``POST runs`` ``{"reproduce": "<MLflow run id>", ...}``: 201, the reproduction's run."""
+        data = parse_json(self.raw_body)
+        if not isinstance(data, dict) or "reproduce" not in data:
+            raise BadRequest('POST runs needs {"reproduce": "<MLflow run id>"} (other runs start from a schedule: '
+                             "POST schedules/{id}/runs)")
+        req = ReproduceCreate.model_validate(data)
+        run = await self.backend.reproduce(await self.identity(), req)
+        self.set_header("Location", url_path_join(self.settings["api_prefix"], "runs", run.id))
+        self.send(run, 201)
 
 
 class RunHandler(APIHandler):

@@ -29,7 +29,8 @@ from typing import Any
 from ..access import Access, AccessError, Identities, IdentityUnavailable
 from ..projects import Flavor, Identity
 from ..settings import SchedulerSettings
-from .models import Parameter, Run, RunCreate, Schedule, ScheduleCreate, ScheduleUpdate, new_id, now
+from .models import (Parameter, ReproduceCreate, Reproduction, Run, RunCreate, Schedule, ScheduleCreate, ScheduleUpdate,
+                     new_id, now)
 from .params import ParameterError, inspect_parameters, validate_parameters
 from .snapshots import SnapshotStore
 
@@ -78,6 +79,8 @@ class Backend:
         self.data_dir = Path(data_dir)
         self.projects_dir = Path(projects_dir) if projects_dir else None
         self.mlflow_url = mlflow_url
+        #: makes users' MLflow-only tokens (runs log with them; reproductions read with them)
+        self.run_tokens = None
         self.snapshots = SnapshotStore(self.data_dir / "snapshots")
         self._referenced: set[str] | None = None  # snapshots schedules use, as the last pass found them
         self._tasks: list[asyncio.Task] = []
@@ -131,11 +134,16 @@ class Backend:
             raise BadRequest(f"notebook {path!r} not found in project {project!r}") from e
 
     async def parameters_of(self, identity: Identity, project: str, notebook: str,
-                            content: dict[str, Any] | None = None) -> tuple[str, list[Parameter]]:
-        """Snapshot a notebook and inspect its parameters; returns (sha256, parameters)."""
+                            content: dict[str, Any] | bytes | None = None) -> tuple[str, list[Parameter]]:
+        """Snapshot a notebook and inspect its parameters; returns (sha256, parameters).
+
+        ``content``: the notebook as JSON (stored normalised), as bytes (stored as they are: a
+        recorded snapshot keeps its sha256), or None (read from the project directory)."""
         self.access.authorize(identity, project, None)
         try:
-            if content is not None:
+            if isinstance(content, bytes):
+                digest = await self._in_thread(self.snapshots.put, content, identity.username)
+            elif content is not None:
                 digest = await self._in_thread(self.snapshots.put_json, content, identity.username)
             else:
                 raw = await self._in_thread(self._read_notebook, project, notebook)
@@ -304,13 +312,118 @@ class Backend:
         overrides = validate_parameters(schedule.parameter_specs, req.parameters)
         return await self._new_run(schedule, flavor, overrides, "manual")
 
-    async def _new_run(self, schedule: Schedule, flavor: Flavor, overrides: dict[str, Any], trigger: str) -> Run:
+    async def reproduce(self, identity: Identity, req: ReproduceCreate) -> Run:
+        """Run a recorded MLflow run again: its notebook snapshot, parameters (``req.parameters``
+        change some), flavour and environment, in its project, as ``identity`` (not its author).
+
+        The run is read through the MLflow gate with a token of ``identity`` for MLflow only (the
+        gate's project check applies), and membership is checked here too. Input files that
+        changed or vanished since the original are named: 409 unless ``use_current_data``; an
+        environment that differs (local: the Python environment's lock; Kubernetes: no image
+        digest) is 409 unless ``environment`` is ``warn``.
+
+        Raises:
+            AccessError: 403, not a member of the run's project (the gate's answer or ours).
+            NotFound: no such MLflow run. Conflict: see above, or the run is not reproducible.
+            Unavailable: no MLflow configured, or it did not answer.
+        """
+        from labyard_lab.autolog.reproduce import missing
+
+        from .reproduce import GateReader, describe_changes, metrics_of, tags_of
+        from .tokens import TokenError
+
+        if not self.mlflow_url or self.run_tokens is None:
+            raise Unavailable("this platform has no MLflow server: there are no recorded runs to reproduce")
+        try:
+            token, token_id = await self.run_tokens.create(identity.username, f"labyard-scheduler reproduce "
+                                                           f"{req.reproduce} (MLflow, read)", 600)
+        except TokenError as e:
+            raise Unavailable(f"cannot get an MLflow token for {identity.username}: {e}") from e
+        try:
+            gate = GateReader(self.mlflow_url, token)
+            original = await gate.run(req.reproduce)
+            tags = tags_of(original)
+            project = tags.get("labyard.project")
+            if not project:
+                raise Conflict(f"MLflow run {req.reproduce} was not recorded by Labyard (no labyard.project tag): "
+                               "not reproducible")
+            if req.project and req.project != project:
+                raise BadRequest(f"MLflow run {req.reproduce} is of project {project!r}, not {req.project!r}")
+            self.access.member(identity, project)
+            gaps = [g for g in missing(tags) if g in ("no notebook snapshot", "no flavour")]
+            if gaps:
+                raise Conflict(f"MLflow run {req.reproduce} is not reproducible: {', '.join(gaps)}")
+            notebook = tags.get("labyard.notebook") or ""
+            files = [f for f in await gate.artifacts(req.reproduce, "notebook") if f["path"].endswith(".ipynb")]
+            raw = await gate.artifact(req.reproduce, files[0]["path"]) if files else None
+            if raw is None:
+                raise Conflict(f"MLflow run {req.reproduce} is not reproducible: its notebook snapshot is not stored")
+            import hashlib
+
+            if hashlib.sha256(raw).hexdigest() != tags.get("labyard.notebook_sha256"):
+                raise Conflict(f"MLflow run {req.reproduce}: its notebook snapshot does not match its recorded sha256")
+            warnings: list[str] = []
+            image = await self._reproduction_environment(gate, req, tags, warnings)
+            changed_inputs: list[str] = []
+            listing = await gate.artifact(req.reproduce, "inputs.json")
+            if listing is not None:
+                changed_inputs = await self._changed_inputs(project, json.loads(listing).get("files", []), warnings)
+            if changed_inputs and not req.use_current_data:
+                raise Conflict(f"input files changed since MLflow run {req.reproduce}: {', '.join(changed_inputs)}. "
+                               "Labyard does not keep old data: reproduce with use_current_data to run on the files "
+                               "as they are now")
+        finally:
+            try:
+                await self.run_tokens.revoke(identity.username, token_id)
+            except TokenError as e:
+                log.warning("reproduce: could not revoke %s's read token (it expires in 10 minutes): %s",
+                            identity.username, e)
+        _, flavor = self.access.authorize(identity, project, tags["labyard.flavor"])
+        digest, specs = await self.parameters_of(identity, project, notebook or files[0]["path"].split("/")[-1], raw)
+        recorded = recorded_parameters(tags, original, specs)
+        params = validate_parameters(specs, {**recorded, **req.parameters})
+        reproduction = Reproduction(
+            of=req.reproduce, changes=describe_changes(recorded, req.parameters, req.use_current_data),
+            changed_inputs=changed_inputs, warnings=warnings, tolerance=req.tolerance, metrics=metrics_of(original),
+            image=image, autolog_libraries=tags.get("labyard.run_kind") != "scheduled")
+        t = now()
+        schedule = Schedule(
+            id=new_id("s"), name=f"reproduce {req.reproduce[:8]}", owner=identity.username, project=project,
+            notebook=notebook or files[0]["path"].split("/")[-1], notebook_sha256=digest, parameter_specs=specs,
+            parameters=params, flavor=flavor.name, cron=None, created=t, updated=t, run_as_uid=identity.uid,
+            run_as_gid=self.access.member(identity, project).gid,
+        )
+        (await self._referenced_snapshots()).add(digest)
+        await self._save_schedule(schedule)
+        return await self._new_run(schedule, flavor, {}, "once", reproduction)
+
+    async def _reproduction_environment(self, gate, req: ReproduceCreate, tags: dict[str, str],
+                                        warnings: list[str]) -> str | None:
+        """Check the recorded environment against this backend's; the image to pin (Kubernetes)
+        or None. Appends to ``warnings`` what differs when ``req.environment`` is ``warn``.
+
+        Raises:
+            Conflict: it differs and ``req.environment`` is ``refuse``.
+        """
+        raise NotImplementedError
+
+    async def _changed_inputs(self, project: str, files: list[dict], warnings: list[str]) -> list[str]:
+        """The recorded input files that changed or vanished, ``"<path> (changed)"``."""
+        return []
+
+    def _environment_differs(self, req: ReproduceCreate, what: str, warnings: list[str]) -> None:
+        if req.environment == "refuse":
+            raise Conflict(f"{what}. Reproduce with environment 'warn' to run anyway")
+        warnings.append(what)
+
+    async def _new_run(self, schedule: Schedule, flavor: Flavor, overrides: dict[str, Any], trigger: str,
+                       reproduce: Reproduction | None = None) -> Run:
         """Record a run of ``schedule`` and start it (the caller has decided that it may run)."""
         run = Run(
             id=new_id("r"), schedule_id=schedule.id, owner=schedule.owner, project=schedule.project,
             notebook=schedule.notebook, notebook_sha256=schedule.notebook_sha256,
             parameters={**schedule.parameters, **overrides}, flavor=flavor.name, trigger=trigger, created=now(),
-            timeout_seconds=schedule.timeout_seconds, retries=schedule.retries,
+            timeout_seconds=schedule.timeout_seconds, retries=schedule.retries, reproduce=reproduce,
         )
         await self._save_run(run)
         return await self._start_run(schedule, run, flavor)
@@ -391,6 +504,29 @@ class Backend:
 
     async def _log(self, run: Run) -> str | None:
         raise NotImplementedError
+
+
+def recorded_parameters(tags: dict[str, str], run: dict, specs: list[Parameter]) -> dict[str, Any]:
+    """The parameters a recorded run ran with: its ``labyard.parameters`` tag; for a scheduled run
+    recorded before that tag existed, its MLflow params that name a parameter of the notebook
+    (the papermill wrapper logged them as JSON, strings as they are)."""
+    try:
+        recorded = json.loads(tags["labyard.parameters"]) if "labyard.parameters" in tags else None
+    except ValueError:
+        recorded = None
+    if isinstance(recorded, dict):
+        return recorded
+    if tags.get("labyard.run_kind") != "scheduled":
+        return {}
+    names = {s.name: s for s in specs}
+    out: dict[str, Any] = {}
+    for p in run.get("data", {}).get("params", []):
+        if p["key"] in names:
+            try:
+                out[p["key"]] = json.loads(p["value"]) if names[p["key"]].type != "str" else p["value"]
+            except ValueError:
+                out[p["key"]] = p["value"]
+    return out
 
 
 def dumps(model) -> str:

@@ -75,7 +75,7 @@ from ..kube.objects import (
 )
 from ..projects import Flavor, Identity, Project
 from .backend import Backend, BadRequest, Conflict, NotFound, Unavailable
-from .models import Run, RunStatus, Schedule, now
+from .models import Reproduction, Run, RunStatus, Schedule, now
 from .podrun import result_of_exit_code
 from .tokens import RunTokens, TokenError
 
@@ -168,6 +168,8 @@ def make_run_pod_template(
         V1EnvVar(name="LABYARD_GPUS", value=str(flavor.gpus)),
         V1EnvVar(name="LABYARD_NOTEBOOK", value=notebook),
         V1EnvVar(name="LABYARD_NOTEBOOK_SHA256", value=sha256),
+        # what the run records as its image (labyard.image; with a digest when given by one)
+        V1EnvVar(name="LABYARD_IMAGE", value=image),
         V1EnvVar(name="LABYARD_NOTEBOOK_FILE", value=f"{NOTEBOOK_MOUNT}/{NOTEBOOK_KEY}"),
         V1EnvVar(name="LABYARD_OUTPUT_DIR", value=OUTPUT_DIR),
         V1EnvVar(name="LABYARD_PARAMETERS", value=json.dumps(parameters)),
@@ -244,10 +246,18 @@ def make_job(schedule: Schedule, run: Run, identity: Identity, project: Project,
              extra_labels: dict[str, str] | None = None, mlflow_url: str | None = None) -> V1Job:
     """One run (run now, run once, or a re-run with other parameters) as a Job."""
     labels = _labels(schedule, extra_labels, run)
-    template = make_run_pod_template(identity, project, flavor, image=image, notebook=schedule.notebook,
+    repro = run.reproduce
+    # a reproduction runs the image the original ran, by digest (a tag may point elsewhere by now)
+    template = make_run_pod_template(identity, project, flavor, image=repro.image if repro and repro.image else image,
+                                     notebook=schedule.notebook,
                                      sha256=run.notebook_sha256, parameters=run.parameters, labels=labels,
                                      timeout=run.timeout_seconds, retries=run.retries, run_id=run.id,
                                      mlflow_url=mlflow_url)
+    if repro is not None:
+        env = template.spec.containers[0].env
+        env.append(V1EnvVar(name="LABYARD_REPRODUCE", value=repro.model_dump_json()))
+        if repro.image and "@sha256:" in repro.image:
+            env.append(V1EnvVar(name="LABYARD_IMAGE_DIGEST", value=repro.image.split("@", 1)[1]))
     return V1Job(
         api_version="batch/v1", kind="Job",
         metadata=V1ObjectMeta(name=job_name(schedule, run), namespace=namespace_for(schedule.project), labels=labels,
@@ -564,6 +574,27 @@ class KubernetesBackend(Backend):
                 if e.status != 404:
                     raise
 
+    # ---- reproductions --------------------------------------------------------------
+    async def _reproduction_environment(self, gate, req, tags: dict[str, str], warnings: list[str]) -> str | None:
+        """Kubernetes: the recorded image, pinned by its digest (``name@sha256:...``); without a
+        recorded digest the project's image as it is now, if the user chose to be warned."""
+        digest = tags.get("labyard.image_digest")
+        image = tags.get("labyard.image", "")
+        if tags.get("labyard.mode") == "kubernetes" and digest:
+            return f"{image.split('@', 1)[0]}@{digest}"
+        what = (f"MLflow run {req.reproduce} ran locally (its Python environment, not an image)"
+                if tags.get("labyard.mode", "local") != "kubernetes"
+                else f"MLflow run {req.reproduce} has no image digest recorded (image {image or '?'})")
+        self._environment_differs(req, f"{what}; the reproduction would run {self._image(tags['labyard.project'])}",
+                                  warnings)
+        return None
+
+    async def _changed_inputs(self, project: str, files: list[dict], warnings: list[str]) -> list[str]:
+        # the service has no access to project volumes: not compared (docs/admin/scheduler.md)
+        if files:
+            warnings.append(f"{len(files)} input files not compared with the project volume (Kubernetes)")
+        return []
+
     # ---- runs ------------------------------------------------------------------------
     async def _save_run(self, run: Run) -> None:
         pass  # a run is its Job: created by _start_run
@@ -627,6 +658,7 @@ class KubernetesBackend(Backend):
             attempts=(st.failed or 0) + (st.succeeded or 0) + (st.active or 0),
             timeout_seconds=int(env.get("LABYARD_TIMEOUT_SECONDS", "0")), retries=int(env.get("LABYARD_RETRIES", "0")),
             failed_cell=failed_cell, error=error,
+            reproduce=Reproduction.model_validate_json(env["LABYARD_REPRODUCE"]) if env.get("LABYARD_REPRODUCE") else None,
         )
 
     async def _load_run(self, run_id: str, projects_first: list[str] = ()) -> Run | None:

@@ -229,6 +229,40 @@ class LocalBackend(Backend):
             log.info("schedule %s: firing for %s%s", s.id, latest, " (missed)" if late else "")
             await self._new_run(s, self.access.flavor(s.flavor), {}, "cron")
 
+    # ---- reproductions --------------------------------------------------------------
+    async def _reproduction_environment(self, gate, req, tags: dict[str, str], warnings: list[str]) -> str | None:
+        """Local mode: runs use this platform's Python environment; its lock (the sha256 of its
+        pip freeze) must be the recorded one, or the user chose to be warned."""
+        from labyard_lab.autolog.provenance import pip_freeze
+        from labyard_lab.autolog.reproduce import freeze_difference, freeze_lock
+
+        if tags.get("labyard.mode", "local") != "local":
+            self._environment_differs(req, f"MLflow run {req.reproduce} ran on Kubernetes (image "
+                                      f"{tags.get('labyard.image', '?')}); this platform runs locally", warnings)
+            return None
+        recorded = tags.get("labyard.env.lock_sha256")
+        current_freeze = await self._in_thread(pip_freeze)
+        if recorded is None:
+            self._environment_differs(req, f"MLflow run {req.reproduce} has no environment lock recorded", warnings)
+            return None
+        if recorded == freeze_lock(current_freeze):
+            return None
+        old = await gate.artifact(req.reproduce, "environment/requirements.txt")
+        diff = freeze_difference(old.decode(errors="replace"), current_freeze) if old is not None else []
+        shown = ", ".join(diff[:10]) + (f" and {len(diff) - 10} more" if len(diff) > 10 else "")
+        self._environment_differs(req, "the Python environment differs from the one MLflow run "
+                                  f"{req.reproduce} recorded" + (f": {shown}" if shown else ""), warnings)
+        return None
+
+    async def _changed_inputs(self, project: str, files: list[dict], warnings: list[str]) -> list[str]:
+        from labyard_lab.autolog.reproduce import compare_inputs
+
+        found = await self._in_thread(compare_inputs, files, self.project_dir(project))
+        if found["unknown"]:
+            warnings.append("input files that changed while the original read them (not comparable): "
+                            + ", ".join(found["unknown"]))
+        return [f"{p} (changed)" for p in found["changed"]] + [f"{p} (vanished)" for p in found["vanished"]]
+
     # ---- runs ------------------------------------------------------------------------
     def _run_dir(self, run: Run) -> Path:
         return self.runs_dir / run.id
@@ -292,6 +326,8 @@ class LocalBackend(Backend):
             # the kernel side (MLflow autolog) writes {"mlflow_run_id": ...} here
             "LABYARD_RUN_RECORD": str(files / "record.json"),
         }
+        if run.reproduce is not None:
+            env["LABYARD_REPRODUCE"] = run.reproduce.model_dump_json()
         if self.homes_dir is not None:
             env["HOME"] = str(self._home(run.owner))
         if self.mlflow_url:

@@ -148,6 +148,38 @@ class RunCreate(_In):
     parameters: dict[str, Any] = {}
 
 
+#: an MLflow run id (32 hex digits)
+MLFLOW_RUN_ID = r"^[0-9a-f]{32}$"
+
+
+class ReproduceCreate(_In):
+    """``POST runs`` with ``reproduce``: run a recorded MLflow run again (docs/admin/scheduler.md)."""
+
+    reproduce: str = Field(pattern=MLFLOW_RUN_ID, description="the MLflow run id to reproduce")
+    parameters: dict[str, Any] = Field({}, description="parameters to change (default: the recorded ones)")
+    use_current_data: bool = Field(False, description="run on the input files as they are now, even if they changed")
+    tolerance: float = Field(0.0, ge=0, le=1, description="relative difference of a metric still counted as the "
+                                                          "same (0: exact)")
+    environment: Literal["refuse", "warn"] = Field(
+        "refuse", description="local mode: when the Python environment's lock differs from the recorded one, refuse "
+                              "(409) or run anyway with a warning; Kubernetes: when no image digest was recorded")
+    project: ProjectName | None = Field(None, description="the project the caller expects the run in (a server "
+                                                          "sends its own); the run's project decides")
+
+
+class Reproduction(BaseModel):
+    """What a reproduction run reproduces and what it changed (kept with the run)."""
+
+    of: str = Field(description="the original MLflow run id")
+    changes: list[str] = Field([], description="what differs from the original on purpose: parameters, use_current_data")
+    changed_inputs: list[str] = Field([], description="input files that changed or vanished since the original")
+    warnings: list[str] = Field([], description="what may keep it from reproducing (environment differences)")
+    tolerance: float = 0.0
+    metrics: dict[str, float] = Field({}, description="the original's metrics (latest values), for the verdict")
+    image: str | None = Field(None, description="Kubernetes: the recorded image, pinned by digest")
+    autolog_libraries: bool = Field(False, description="the original was interactive: mlflow.autolog() on in the kernel")
+
+
 class Parameter(BaseModel):
     """A parameter of the notebook's ``parameters`` cell."""
 
@@ -217,5 +249,6 @@ class Run(BaseModel):
     failed_cell: int | None = Field(None, description="index of the cell that raised (0-based, in the notebook)")
     error: str | None = Field(None, description="the failing cell's exception (name: value), or why the run failed")
     mlflow_run_id: str | None = Field(None, description="the MLflow run this execution was recorded as")
+    reproduce: Reproduction | None = Field(None, description="set when the run reproduces a recorded MLflow run")
     pid: int | None = Field(None, exclude=True)
     pid_started: float | None = Field(None, exclude=True)

@@ -74,13 +74,32 @@ def result_of_exit_code(message: str, output: str) -> tuple[int | None, int | No
     return code, None, f"the notebook failed (exit code {code}){where}"
 
 
+def shared_dir(path: Path) -> None:
+    """Make ``path`` (and its parents) for every member of the project: the pod's group is the
+    project's, so a directory another member's run made must be group-writable, or this run could
+    not write its output there (the first run of ``scheduled-runs/`` made it 0755 with the
+    default umask). Directories of ours that are not are made so."""
+    old = os.umask(0o002)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    finally:
+        os.umask(old)
+    for d in (path.parent, path):
+        try:
+            st = d.stat()
+            if st.st_uid == os.getuid() and not st.st_mode & 0o020:
+                d.chmod(st.st_mode | 0o070)
+        except OSError:
+            pass
+
+
 def main() -> int:
     env = os.environ
     notebook = Path(env["LABYARD_NOTEBOOK_FILE"])
     run_id = env.get("LABYARD_RUN_ID") or env.get("HOSTNAME", "run")
     stem = Path(env.get("LABYARD_NOTEBOOK", notebook.name)).stem
     out_dir = Path(env.get("LABYARD_OUTPUT_DIR", "scheduled-runs")) / stem
-    out_dir.mkdir(parents=True, exist_ok=True)
+    shared_dir(out_dir)
     run_dir = Path(env.get("TMPDIR", "/tmp")) / f"labyard-run-{run_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
     parameters = run_dir / "parameters.json"
