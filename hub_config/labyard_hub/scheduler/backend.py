@@ -21,6 +21,7 @@ answer the same request in the same way:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -358,8 +359,6 @@ class Backend:
             raw = await gate.artifact(req.reproduce, files[0]["path"]) if files else None
             if raw is None:
                 raise Conflict(f"MLflow run {req.reproduce} is not reproducible: its notebook snapshot is not stored")
-            import hashlib
-
             if hashlib.sha256(raw).hexdigest() != tags.get("labyard.notebook_sha256"):
                 raise Conflict(f"MLflow run {req.reproduce}: its notebook snapshot does not match its recorded sha256")
             warnings: list[str] = []
