@@ -85,7 +85,10 @@ def stack(tmp_path_factory, k8s_testbed, policy_file, service_accounts):
         yield s
         for user, _ in (IDLE_GPU, IDLE_CPU, BUSY_GPU):
             s.api(user).delete(f"{s.url}/hub/api/users/{user}/servers/{PROJECT}")
-        wait_for(lambda: not k8s_testbed.api.get(f"/api/v1/namespaces/{NAMESPACE}/pods")["items"], 120, "the test's pods gone")
+        try:
+            wait_for(lambda: not k8s_testbed.api.get(f"/api/v1/namespaces/{NAMESPACE}/pods")["items"], 120, "the test's pods gone")
+        except pytest.fail.Exception:
+            pass  # clean-up only (seen once on a busy testbed: a pod the hub had deleted still Running); the namespace goes below
     finally:
         s.stop()
         try:
