@@ -58,7 +58,7 @@ c.JupyterHub.authenticator_class = "labyard-ldap"
 c.merge(ldap_config(s.ldap))  # each option to Directory or LDAPAuthenticator (docs/admin/reference.md)
 c.Authenticator.admin_users = set(s.admin_users)
 
-c.Spawner.environment = {}
+c.Spawner.environment = dict(s.server_environment)  # the admin's first: Labyard's own variables below win
 # saving a file that does not fit on the disk says so, and leaves no partial file (labyard_lab.contents)
 c.Spawner.args = ["--ServerApp.contents_manager_class=labyard_lab.contents.FileManager"]
 if s.mlflow_url:
@@ -113,6 +113,10 @@ roles.append({"name": "labyard-controller", "services": ["labyard-controller"],
               "scopes": ["admin:groups", "list:users", "read:servers", "delete:servers"]})
 
 if s.cull.enabled:
+    # activity reaches the hub from the servers (jupyterhub-singleuser, every JUPYTERHUB_ACTIVITY_INTERVAL
+    # seconds; a busy kernel counts: labyard_lab.activity) and from the proxy (traffic, read as often)
+    c.Spawner.environment["JUPYTERHUB_ACTIVITY_INTERVAL"] = str(s.cull.activity_interval)
+    c.JupyterHub.last_activity_interval = s.cull.activity_interval
     service("idle-culler", [sys.executable, "-m", "jupyterhub_idle_culler", f"--config={s.data_dir / 'culler_config.py'}",
                             f"--timeout={s.cull.timeout}", f"--cull-every={s.cull.every}"])
     roles.append({"name": "idle-culler", "services": ["idle-culler"],

@@ -24,3 +24,16 @@ def test_config_file_loads_in_the_culler(tmp_path):
     app = IdleCuller()
     app.load_config_file(str(path))
     assert app.cull_arbiter_hook(inactive=timedelta(seconds=301), inactive_limit=3600, server={"state": {"gpus": 2}})
+
+
+def test_activity_reports_must_come_sooner_than_the_timeouts():
+    """A server reporting its activity less often than its timeout would be stopped while busy."""
+    import pytest
+    from pydantic import ValidationError
+
+    from labyard_hub.settings import CullSettings
+
+    assert CullSettings(gpu_timeout=30, activity_interval=5).activity_interval == 5
+    with pytest.raises(ValidationError, match=r"cull.activity_interval \(900 s\) must be shorter than cull.timeout"):
+        CullSettings(gpu_timeout=900, activity_interval=900)
+    assert CullSettings(enabled=False, gpu_timeout=60).activity_interval == 300  # no culler: nothing to miss

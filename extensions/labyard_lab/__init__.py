@@ -15,4 +15,7 @@ def _load_jupyter_server_extension(server_app):
     from .handlers import setup_handlers  # here, so that the kernel side and the diff worker stay light
 
     setup_handlers(server_app)
+    from .activity import watch_busy_kernels  # a busy kernel keeps its server from being culled
+
+    watch_busy_kernels(server_app)
     server_app.log.info("labyard_lab server extension loaded")

@@ -76,9 +76,23 @@ class CullSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    timeout: int = Field(3600, description="Seconds idle before a server is stopped.")
-    gpu_timeout: int = Field(900, description="Seconds idle before a server holding GPUs is stopped.")
-    every: int = Field(60, description="Seconds between two checks.")
+    timeout: int = Field(3600, ge=1, description="Seconds idle before a server is stopped.")
+    gpu_timeout: int = Field(900, ge=1, description="Seconds idle before a server holding GPUs is stopped.")
+    every: int = Field(60, ge=1, description="Seconds between two checks.")
+    activity_interval: int = Field(
+        300, ge=1,
+        description="Seconds between two activity reports of a server to the hub (its JUPYTERHUB_ACTIVITY_INTERVAL; "
+                    "also how often the hub reads the proxy's activity). A server's activity reaches the culler up to "
+                    "this late: it must be shorter than timeout and gpu_timeout.")
+
+    @model_validator(mode="after")
+    def _reports_in_time(self) -> CullSettings:
+        """A busy server whose reports come less often than its timeout would be stopped between two."""
+        if self.enabled and self.activity_interval >= min(self.timeout, self.gpu_timeout):
+            raise ValueError(f"cull.activity_interval ({self.activity_interval} s) must be shorter than cull.timeout "
+                             f"({self.timeout} s) and cull.gpu_timeout ({self.gpu_timeout} s): busy servers would be "
+                             "stopped between two activity reports")
+        return self
 
 
 class Settings(BaseModel):
@@ -138,6 +152,12 @@ class Settings(BaseModel):
                     "logged in or not, and servers of removed members are stopped (docs/admin/projects.md).",
     )
     admin_users: list[str] = []
+    server_environment: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables of every user server (both modes; not of scheduled runs), e.g. "
+                    "{PIP_INDEX_URL: https://pypi.example.org/simple}. Labyard's and JupyterHub's own variables "
+                    "(LABYARD_*, JUPYTERHUB_*, MLFLOW_TRACKING_*) are set after these and win.",
+    )
     kubernetes: KubernetesSettings | None = None
     local: LocalSettings = Field(default_factory=LocalSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)

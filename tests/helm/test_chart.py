@@ -249,6 +249,12 @@ def test_hub_config_from_the_rendered_settings(helm, values, tmp_path):
     # every service's Deployment sends the token the hub expects, from the generated Secret
     deployments = by_kind(docs, "Deployment")
     assert s.group_sync_interval == (10 if values else 30)
+    # servers report their activity (busy kernels included) as often as the culler's values say
+    assert s.cull.activity_interval == (240 if values else 300)
+    assert env["JUPYTERHUB_ACTIVITY_INTERVAL"] == str(s.cull.activity_interval)
+    assert c.JupyterHub.last_activity_interval == s.cull.activity_interval
+    assert s.server_environment == ({"PIP_INDEX_URL": "https://pypi.example.org/simple"} if values else {})
+    assert env.get("PIP_INDEX_URL") == s.server_environment.get("PIP_INDEX_URL")
     controller_role = next(r for r in c.JupyterHub.load_roles if r["name"] == "labyard-controller")
     assert controller_role["services"] == ["labyard-controller"] and "admin:groups" in controller_role["scopes"]
     for deployment, service in (("scheduler", "labyard-scheduler"), ("controller", "labyard-controller"), ("culler", "idle-culler"),

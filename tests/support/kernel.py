@@ -53,6 +53,24 @@ async def _execute(ws_url: str, token: str, code: str, timeout: float) -> dict:
     return out
 
 
+async def _submit(ws_url: str, token: str, code: str, timeout: float) -> None:
+    ws = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {token}"}, request_timeout=60))
+    msg = _message(code, uuid.uuid4().hex)
+    await ws.write_message(json.dumps(msg))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            raw = await asyncio.wait_for(ws.read_message(), max(1.0, deadline - time.monotonic()))
+            if raw is None:
+                raise ConnectionError("the kernel's websocket closed")
+            reply = json.loads(raw)
+            if (reply.get("parent_header", {}).get("msg_id") == msg["header"]["msg_id"]
+                    and reply["header"]["msg_type"] == "status" and reply["content"].get("execution_state") == "busy"):
+                return
+    finally:
+        ws.close()
+
+
 class Kernel:
     """A kernel of a user's real server (``server_url`` like ``http://.../user/bob/vision/``),
     started and driven with the user's ``token``, as JupyterLab does."""
@@ -69,6 +87,21 @@ class Kernel:
         """Run ``code``; returns {"status": "ok"|"error", "stdout", "stderr", "error"}."""
         ws_url = self.server_url.replace("http://", "ws://", 1) + f"api/kernels/{self.id}/channels"
         return asyncio.run(_execute(ws_url, self.token, code, timeout))
+
+    def submit(self, code: str, timeout: float = 60) -> None:
+        """Start running ``code`` and return once the kernel says it is busy with it, leaving it
+        running with nobody connected (a browser tab closed on a long cell)."""
+        ws_url = self.server_url.replace("http://", "ws://", 1) + f"api/kernels/{self.id}/channels"
+        asyncio.run(_submit(ws_url, self.token, code, timeout))
+
+    def state(self) -> str:
+        """The kernel's execution_state as its server sees it (busy, idle, ...)."""
+        r = requests.get(self.server_url + f"api/kernels/{self.id}", headers=self.headers, timeout=60)
+        r.raise_for_status()
+        return r.json()["execution_state"]
+
+    def interrupt(self) -> None:
+        requests.post(self.server_url + f"api/kernels/{self.id}/interrupt", headers=self.headers, timeout=60).raise_for_status()
 
     def shutdown(self) -> None:
         requests.delete(self.server_url + f"api/kernels/{self.id}", headers=self.headers, timeout=60)
