@@ -288,6 +288,7 @@ class Platform:
                 "hub_port": hub_port,
                 "proxy_api_port": own.get("proxy_api_port") or free_port(),
                 "scheduler_port": own.get("scheduler_port") or free_port(),
+                "gpus_port": own.get("gpus_port") or free_port(),
                 "mlflow_url": own.get("mlflow_url") or f"http://127.0.0.1:{mlflow_port}",
             })
             from .ldap import ldap_config
