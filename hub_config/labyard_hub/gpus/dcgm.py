@@ -94,7 +94,11 @@ def merge(util, fb_used, fb_free, util_window) -> dict[tuple[str, str], list[Gpu
                                        model=labels.get("modelName"), hostname=labels.get("Hostname"))
             setattr(gpus[key], field, value)
     by_pod: dict[tuple[str, str], list[GpuMetrics]] = {}
-    for (ns, pod, _), m in sorted(gpus.items()):
+    def order(item):
+        (ns, pod, _), m = item
+        return ns, pod, m.hostname or "", int(m.gpu) if (m.gpu or "").isdigit() else 0, m.uuid or ""
+
+    for (ns, pod, _), m in sorted(gpus.items(), key=order):
         by_pod.setdefault((ns, pod), []).append(m)
     return by_pod
 
