@@ -129,8 +129,7 @@ class ClusterReader:
         pods = pods.result().items
         held = [a for a in map(inventory.allocation, pods) if a is not None]
         pending = [w for w in map(inventory.waiting, pods) if w is not None]
-        ended = {p.metadata.uid: end for p in pods
-                 if inventory.gpu_requests(p) and (end := inventory.ended_at(p)) is not None}
+        ended = [e for e in map(inventory.ended_allocation, pods) if e is not None]
         project_quotas = {}
         for q in quotas.result().items:
             project = (q.metadata.labels or {}).get(inventory.LABEL_PREFIX + "project")

@@ -176,6 +176,20 @@ def allocation(pod) -> Allocation | None:
                       phase=(pod.status.phase if pod.status else None) or "Pending", **_owner(pod))
 
 
+def ended_allocation(pod) -> tuple[Allocation, datetime] | None:
+    """The GPUs ``pod`` held and when it let go of them, for a pod that was bound to a node and
+    has ended or is being deleted (None otherwise): what the GPU-hours record closes, or records
+    whole when the service never saw the pod running (it was down)."""
+    asks = gpu_requests(pod)
+    end = ended_at(pod) if asks and pod.spec.node_name else None
+    if end is None:
+        return None
+    held = Allocation(uid=pod.metadata.uid, namespace=pod.metadata.namespace, pod=pod.metadata.name,
+                      node=pod.spec.node_name, resources=asks, gpus=sum(asks.values()), since=started_at(pod),
+                      phase=(pod.status.phase if pod.status else None) or "Pending", **_owner(pod))
+    return held, max(end, held.since)
+
+
 def waiting(pod) -> Waiting | None:
     """``pod``, if it asks for GPUs and no node took it yet, with the scheduler's reason."""
     asks = gpu_requests(pod)

@@ -5,9 +5,10 @@ holds GPUs and is new opens an *interval* (its start time as the API server repo
 GPUs, project, user, server or run); an interval stays open while its pod is seen holding them
 (``last_seen`` is kept up to date); it is closed at the pod's end as the API server reports it
 (the finish time of its containers, or the start of its deletion), or, for a pod that vanished
-between two reads, at the last time it was seen. The same rule closes, on a restart of the
-service, the intervals of pods that ended while it was down. An interval is keyed by the pod's
-uid, so seeing a pod again never counts it twice.
+between two reads, at the last time it was seen. The same rules apply on a restart of the
+service to pods that ended while it was down; a pod that ran entirely while it was down and is
+still shown by the API (a finished run's pod) is recorded whole, from its start to its end. An
+interval is keyed by the pod's uid, so seeing a pod again never counts it twice.
 
 Reports (:meth:`UsageStore.report`) add up GPU-hours per project or user and per UTC day, ISO
 week (from Monday) or calendar month; open intervals count up to the report's ``as_of``.
@@ -139,30 +140,38 @@ class UsageStore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- recording -----------------------------------------------------------------------------
-    def observe_sync(self, now: datetime, held: list[Allocation], ended: dict[str, datetime]) -> dict[str, int]:
-        """One read of the cluster at ``now``: ``held`` the pods holding GPUs, ``ended`` uid ->
-        end time of pods the API still shows but that let go of their GPUs (finished, deleting).
-        Open intervals of pods in neither are closed at their ``last_seen``."""
+    def observe_sync(self, now: datetime, held: list[Allocation], ended: list[tuple[Allocation, datetime]]) -> dict[str, int]:
+        """One read of the cluster at ``now``: ``held`` the pods holding GPUs; ``ended`` the pods
+        the API still shows that let go of their GPUs (finished, being deleted), with that time:
+        their interval is closed there, or recorded whole if it was never seen open. Open
+        intervals of pods in neither are closed at their ``last_seen``."""
         db = self._db()
         closed = 0
+
+        def row(a: Allocation, end: datetime | None):
+            return (a.uid, a.namespace, a.pod, a.kind, a.project, a.user, a.server, a.schedule, a.run, a.gpus,
+                    ",".join(f"{k}={v}" for k, v in sorted(a.resources.items())), _ts(a.since),
+                    _ts(end) if end else None, _ts(now))
+
         with db:
-            seen = {a.uid for a in held}
             for a in held:
                 db.execute(
                     "INSERT INTO intervals (uid, namespace, pod, kind, project, user, server, schedule, run, gpus,"
-                    " resources, start, end, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL,?)"
-                    " ON CONFLICT(uid) DO UPDATE SET last_seen=excluded.last_seen WHERE end IS NULL",
-                    (a.uid, a.namespace, a.pod, a.kind, a.project, a.user, a.server, a.schedule, a.run, a.gpus,
-                     ",".join(f"{k}={v}" for k, v in sorted(a.resources.items())), _ts(a.since), _ts(now)))
-            for uid, end in ended.items():
-                closed += db.execute("UPDATE intervals SET end=max(start, ?), last_seen=? WHERE uid=? AND end IS NULL",
-                                     (_ts(end), _ts(now), uid)).rowcount
+                    " resources, start, end, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT(uid) DO UPDATE SET last_seen=excluded.last_seen WHERE end IS NULL", row(a, None))
+            for a, end in ended:
+                closed += db.execute(
+                    "INSERT INTO intervals (uid, namespace, pod, kind, project, user, server, schedule, run, gpus,"
+                    " resources, start, end, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT(uid) DO UPDATE SET end=max(start, excluded.end), last_seen=excluded.last_seen"
+                    " WHERE end IS NULL", row(a, end)).rowcount
+            seen = {a.uid for a in held} | {a.uid for a, _ in ended}
             for (uid,) in db.execute("SELECT uid FROM intervals WHERE end IS NULL").fetchall():
-                if uid not in seen and uid not in ended:
+                if uid not in seen:
                     closed += db.execute("UPDATE intervals SET end=max(start, last_seen) WHERE uid=?", (uid,)).rowcount
         return {"closed": closed}
 
-    async def observe(self, now: datetime, held: list[Allocation], ended: dict[str, datetime]) -> dict[str, int]:
+    async def observe(self, now: datetime, held: list[Allocation], ended: list[tuple[Allocation, datetime]]) -> dict[str, int]:
         return await self._run(self.observe_sync, now, held, ended)
 
     # -- reports -------------------------------------------------------------------------------

@@ -1,0 +1,254 @@
+"""labyard-gpus on the Kubernetes testbed, through a real `labyard up --kubernetes --demo`.
+
+Servers and a scheduled run hold GPUs of the testbed's kwok GPU nodes in two projects: alice's
+servers in vision and nlp (gpu-1 each) and carol's run in nlp (gpu-1, kept running until the
+test lets it finish). The service runs under the chart's `gpus` service account. The test
+compares what the API lists with the pods it lists itself from the API server (only its own
+project namespaces: other sessions share the testbed), checks that only hub admins see the page
+and the API, and that GPU-hours match the pods' start and end times as the API server reports
+them, across a restart of the service.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from nbformat.v4 import new_code_cell, new_notebook
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.support.stack import Stack  # noqa: E402
+
+from labyard_testbed.testing import wait_for  # noqa: E402
+
+pytestmark = [pytest.mark.k8s, pytest.mark.slow]
+
+PROJECTS = ("vision", "nlp")
+NAMESPACES = tuple(f"labyard-{p}" for p in PROJECTS)
+PREFIX = "/services/labyard-gpus"
+
+
+def _exists(tb, path: str) -> bool:
+    try:
+        tb.api.get(path)
+        return True
+    except Exception:
+        return False
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, k8s_testbed, service_accounts):
+    tb = k8s_testbed
+    for ns in NAMESPACES:  # start from no project namespaces (as tests/k8s/test_spawner.py)
+        try:
+            tb.api.delete(f"/api/v1/namespaces/{ns}")
+        except Exception:
+            pass
+    wait_for(lambda: not any(_exists(tb, f"/api/v1/namespaces/{ns}") for ns in NAMESPACES), 120, "old project namespaces gone")
+    config = {
+        "kubernetes": {"controller_interval": 2, "controller_kubeconfig": service_accounts["project-controller"],
+                       "scheduler_kubeconfig": service_accounts["scheduler"], "gpus_kubeconfig": service_accounts["gpus"]},
+        "cull": {"enabled": False},
+        "gpus": {"poll_interval": 2},
+    }
+    s = Stack(tmp_path_factory.mktemp("labyard-k8s-gpus"), config=config, kubeconfig=service_accounts["hub"]).start()
+    wait_for(lambda: all(_exists(tb, f"/api/v1/namespaces/{ns}") for ns in NAMESPACES), 60, "project namespaces")
+    try:
+        yield s
+    finally:
+        tb.kubectl("delete", "job,cronjob,configmap", "-n", "labyard-nlp", "-l", "app.kubernetes.io/name=labyard",
+                   "--ignore-not-found", check=False)
+        s.stop()
+
+
+def _release_file(tb, project: str, name: str) -> Path:
+    pvc = tb.api.get(f"/api/v1/namespaces/labyard-{project}/persistentvolumeclaims/project-{project}")
+    return Path(tb.api.get(f"/api/v1/persistentvolumes/{pvc['spec']['volumeName']}")["spec"]["hostPath"]["path"]) / name
+
+
+@pytest.fixture(scope="module")
+def holders(stack, k8s_testbed):
+    """alice's servers in vision and nlp, and carol's run in nlp, each holding one GPU; the run
+    waits for a file in the project volume (``release``) before it ends."""
+    tb = k8s_testbed
+    alice, carol = stack.api("alice"), stack.api("carol")
+    for project in PROJECTS:
+        r = alice.post(f"{alice.base}/users/alice/servers/{project}", json={"flavor": "gpu-1"})
+        assert r.status_code in (201, 202), r.text
+    for project in PROJECTS:
+        stack.wait_ready(alice, "alice", project, timeout=180)
+    release = f"release-{uuid.uuid4().hex[:8]}"
+    nb = new_notebook(cells=[new_code_cell("import os, time"),
+                             new_code_cell(f"while not os.path.exists('/srv/project/{release}'):\n    time.sleep(0.5)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    base = f"{stack.url}/services/labyard-scheduler/api"
+    wait_for(lambda: carol.get(f"{base}/whoami", timeout=10).status_code == 200, 90, "the scheduler service")
+    r = carol.post(f"{base}/schedules", json={"project": "nlp", "notebook": "hold.ipynb", "notebook_content": json.loads(json.dumps(nb)),
+                                              "flavor": "gpu-1", "timeout_seconds": 900})
+    assert r.status_code == 201, r.text
+    run = r.json()["run"]["id"]
+
+    def run_pod():
+        pods = tb.api.get("/api/v1/namespaces/labyard-nlp/pods", labelSelector=f"labyard.dev/run={run}")["items"]
+        return pods[0] if pods and pods[0]["status"].get("phase") == "Running" else None
+
+    wait_for(run_pod, 180, "carol's run pod running")
+    return {"run": run, "release": _release_file(tb, "nlp", release)}
+
+
+def _gpu_pods(tb) -> dict[str, dict]:
+    """Every pod of our project namespaces holding GPUs now, as the API server says: bound to a
+    node, not ended, not being deleted, asking for a GPU resource."""
+    found = {}
+    for ns in NAMESPACES:
+        for pod in tb.api.get(f"/api/v1/namespaces/{ns}/pods")["items"]:
+            limits = {k: int(v) for c in pod["spec"]["containers"] for k, v in (c.get("resources", {}).get("limits") or {}).items()
+                      if k == "nvidia.com/gpu" or k.startswith("nvidia.com/mig-")}
+            if limits and pod["spec"].get("nodeName") and pod["status"].get("phase") not in ("Succeeded", "Failed") \
+                    and not pod["metadata"].get("deletionTimestamp"):
+                found[pod["metadata"]["uid"]] = pod
+    return found
+
+
+def _admin(stack) -> requests.Session:
+    s = stack.api("admin")
+    s.base = f"{stack.url}{PREFIX}"
+    return s
+
+
+def test_the_api_lists_exactly_the_pods_holding_gpus(stack, k8s_testbed, holders):
+    tb, admin = k8s_testbed, _admin(stack)
+
+    def ours():
+        r = admin.get(f"{admin.base}/api/allocations", timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def agree():
+        data, theirs = ours(), _gpu_pods(tb)
+        mine = {a["uid"]: a for a in data["allocations"] if a["namespace"] in NAMESPACES}
+        return (data, mine, theirs) if set(mine) == set(theirs) and len(theirs) == 3 else None
+
+    data, mine, theirs = wait_for(agree, 60, "the API and the API server to agree", interval=1)
+    for uid, pod in theirs.items():
+        a = mine[uid]
+        labels = pod["metadata"]["labels"]
+        assert (a["namespace"], a["pod"], a["node"]) == (pod["metadata"]["namespace"], pod["metadata"]["name"], pod["spec"]["nodeName"])
+        assert a["gpus"] == 1 and a["resources"] == {"nvidia.com/gpu": 1}
+        assert a["project"] == labels["labyard.dev/project"] and a["user"] == labels["labyard.dev/user"]
+        assert _ts(a["since"]) == _ts(pod["status"]["startTime"])
+    servers = sorted((a["project"], a["user"], a["server"]) for a in mine.values() if a["kind"] == "server")
+    assert servers == [("nlp", "alice", "nlp"), ("vision", "alice", "vision")]
+    assert all(a["idle_seconds"] is not None and a["idle_seconds"] >= 0 for a in mine.values() if a["kind"] == "server")
+    (run,) = [a for a in mine.values() if a["kind"] == "run"]
+    assert (run["project"], run["user"], run["run"]) == ("nlp", "carol", holders["run"]) and run["schedule"]
+    # the two GPU nodes of the testbed with their product, and per project the quota and what is in use
+    nodes = {n["name"]: n for n in data["nodes"]}
+    assert {"gpu-node-1", "gpu-node-2"} <= set(nodes) and all(nodes[n]["resources"]["nvidia.com/gpu"] == 4 for n in ("gpu-node-1", "gpu-node-2"))
+    assert nodes["gpu-node-1"]["product"] == "NVIDIA-A100-SXM4-80GB"
+    projects = {p["project"]: p for p in data["projects"]}
+    assert (projects["vision"]["quota"], projects["vision"]["in_use"]) == ({"nvidia.com/gpu": 1}, 1)
+    assert (projects["nlp"]["quota"], projects["nlp"]["in_use"]) == ({"nvidia.com/gpu": 2}, 2)
+    assert data["utilisation"]["configured"] is False and "gpus.prometheus_url" in data["utilisation"]["message"]
+    # the page shows the same, and says how to enable utilisation
+    page = admin.get(f"{admin.base}/", timeout=30)
+    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+    assert run["pod"] in page.text and "gpus.prometheusUrl" in page.text
+
+
+def test_only_admins_see_the_page_and_the_api(stack, holders):
+    alice = stack.api("alice")
+    for path in ("/", "/api/allocations", "/api/usage?by=project&period=month"):
+        r = alice.get(f"{stack.url}{PREFIX}{path}", timeout=30)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert "not a hub admin" in r.json()["message"]
+        # no login: sent to the hub's login (OAuth); a token the hub refuses: 401
+        r = requests.get(f"{stack.url}{PREFIX}{path}", allow_redirects=False, timeout=30)
+        assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["Location"], (path, r.status_code)
+        r = requests.get(f"{stack.url}{PREFIX}{path}", headers={"Authorization": "token not-a-token"}, timeout=30)
+        assert r.status_code == 401, (path, r.status_code)
+    admin = _admin(stack)
+    for query, name in (("by=node", "by"), ("period=year", "period"), ("since=yesterday", "since"), ("format=xls", "format")):
+        r = admin.get(f"{admin.base}/api/usage?{query}", timeout=30)
+        assert r.status_code == 400 and r.json()["message"].startswith(name), (query, r.text)
+
+
+def test_members_see_their_projects_share_on_the_home_page(stack, holders):
+    browser = stack.login("alice")
+    home = browser.get(f"{stack.url}/hub/home", timeout=30)
+    assert home.status_code == 200
+    for project in PROJECTS:
+        assert f'data-url="{PREFIX}/api/projects/{project}/share"' in home.text
+    # what the page's script fetches, with alice's browser session (the service logs her in through
+    # the hub's OAuth, redirects followed as fetch() follows them)
+    share = browser.get(f"{stack.url}{PREFIX}/api/projects/nlp/share", headers={"Accept": "application/json"}, timeout=30)
+    assert share.status_code == 200, share.text
+    data = share.json()
+    assert (data["project"], data["gpu_quota"], data["in_use"], data["user"]) == ("nlp", 2, 2, "alice")
+    assert data["gpu_hours_this_month"] > 0
+    carol = stack.api("carol")  # not a member of vision
+    r = carol.get(f"{stack.url}{PREFIX}/api/projects/vision/share", timeout=30)
+    assert r.status_code == 403 and "not a member" in r.json()["message"]
+
+
+def _service_process(stack) -> psutil.Process:
+    for p in psutil.Process(stack.proc.pid).children(recursive=True):
+        try:
+            if "labyard_hub.gpus.app" in " ".join(p.cmdline()):
+                return p
+        except psutil.NoSuchProcess:
+            continue
+    raise LookupError("labyard-gpus is not running")
+
+
+def test_gpu_hours_match_the_pods_lifetimes_across_a_restart(stack, k8s_testbed, holders):
+    tb, admin = k8s_testbed, _admin(stack)
+    run_id = holders["run"]
+    # let carol's run finish; its pod stays, with its start and finish times
+    holders["release"].write_text("go")
+
+    def finished():
+        pods = tb.api.get("/api/v1/namespaces/labyard-nlp/pods", labelSelector=f"labyard.dev/run={run_id}")["items"]
+        return pods[0] if pods and pods[0]["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    pod = wait_for(finished, 180, "carol's run to finish", interval=1)
+    start = _ts(pod["status"]["startTime"])
+    end = max(_ts(s["state"]["terminated"]["finishedAt"]) for s in pod["status"]["containerStatuses"])
+    expected_carol = (end - start) / 3600
+
+    def carol_hours():
+        report = admin.get(f"{admin.base}/api/usage?by=user&period=month", timeout=30).json()
+        hours = sum(r["gpu_hours"] for r in report["rows"] if r["key"] == "carol")
+        return hours if abs(hours - expected_carol) < 1e-6 else None
+
+    wait_for(carol_hours, 60, "carol's run closed at its finish time", interval=1)
+    # the service restarts (the hub starts it again): what it recorded is still there, the run is not
+    # counted again, and alice's servers, still running, count from their pods' start times
+    old = _service_process(stack)
+    old.kill()
+    old.wait(30)
+    wait_for(lambda: _service_process(stack).pid != old.pid, 120, "labyard-gpus restarted")
+    wait_for(lambda: admin.get(f"{admin.base}/api/allocations", timeout=30).status_code == 200, 120, "labyard-gpus answering")
+    assert carol_hours() is not None
+    servers = {p["metadata"]["uid"]: p for p in _gpu_pods(tb).values() if p["metadata"]["labels"]["labyard.dev/user"] == "alice"}
+    assert len(servers) == 2
+    report = admin.get(f"{admin.base}/api/usage?by=user&period=month", timeout=30).json()
+    as_of = _ts(report["as_of"])
+    expected_alice = sum(as_of - _ts(p["status"]["startTime"]) for p in servers.values()) / 3600
+    alice = sum(r["gpu_hours"] for r in report["rows"] if r["key"] == "alice")
+    assert abs(alice - expected_alice) < 1e-6, (alice, expected_alice)
+    by_project = admin.get(f"{admin.base}/api/usage?by=project&period=day&format=csv", timeout=30)
+    assert by_project.headers["Content-Type"].startswith("text/csv")
+    lines = by_project.text.splitlines()
+    assert lines[0] == "period,project,gpu_hours" and any(",nlp," in line for line in lines[1:])
