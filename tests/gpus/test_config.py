@@ -4,13 +4,12 @@ service) is checked in tests/helm/test_chart.py."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
 from traitlets.config import Config
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..support.hubconfig import hub_config as load
 
 
 def hub_config(tmp_path: Path, **settings) -> Config:
@@ -20,17 +19,7 @@ def hub_config(tmp_path: Path, **settings) -> Config:
         (secrets / name).write_text("x" * 64)
     path = tmp_path / "settings.yaml"
     path.write_text(yaml.safe_dump({"data_dir": str(tmp_path), "gpus_port": 18083, **settings}))
-    config, old = Config(), os.environ.get("LABYARD_SETTINGS")
-    os.environ["LABYARD_SETTINGS"] = str(path)
-    try:
-        code = (ROOT / "hub_config" / "jupyterhub_config.py").read_text()
-        exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": lambda: config})
-    finally:
-        if old is None:
-            del os.environ["LABYARD_SETTINGS"]
-        else:
-            os.environ["LABYARD_SETTINGS"] = old
-    return config
+    return load(path)
 
 
 def test_kubernetes_mode_runs_the_service_with_minimal_scopes(tmp_path):

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "k8s"))
 import schema as chart_schema  # noqa: E402
 
 from labyard_testbed.control import build as build_testbed  # noqa: E402
+from ..support.hubconfig import hub_config  # noqa: E402
 
 #: the Kubernetes version of the testbed (tests/k8s/build/build.sh), which we target
 K8S_VERSION = re.search(r'KUBE_VERSION="?v?([0-9.]+)', (ROOT / "tests" / "k8s" / "build" / "build.sh").read_text()).group(1)
@@ -188,20 +189,7 @@ def _settings(docs: list[dict]) -> dict:
 
 def _hub_config(settings_file: Path) -> Config:
     """Run jupyterhub_config.py as the hub would, on the chart's settings."""
-    import os
-
-    config = Config()
-    old = os.environ.get("LABYARD_SETTINGS")
-    os.environ["LABYARD_SETTINGS"] = str(settings_file)
-    try:
-        code = (ROOT / "hub_config" / "jupyterhub_config.py").read_text()
-        exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": lambda: config})
-    finally:
-        if old is None:
-            del os.environ["LABYARD_SETTINGS"]
-        else:
-            os.environ["LABYARD_SETTINGS"] = old
-    return config
+    return hub_config(settings_file)
 
 
 @pytest.mark.parametrize("values", [(), (EVERYTHING,)], ids=["defaults", "everything"])

@@ -26,21 +26,13 @@ from nbformat.v4 import new_code_cell, new_notebook
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.support.stack import Stack  # noqa: E402
 
-from labyard_testbed.testing import wait_for  # noqa: E402
+from labyard_testbed.testing import exists as _exists, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 PROJECTS = ("vision", "nlp")
 NAMESPACES = tuple(f"labyard-{p}" for p in PROJECTS)
 PREFIX = "/services/labyard-gpus"
-
-
-def _exists(tb, path: str) -> bool:
-    try:
-        tb.api.get(path)
-        return True
-    except Exception:
-        return False
 
 
 def _ts(text: str) -> float:
@@ -200,6 +192,23 @@ def test_members_see_their_projects_share_on_the_home_page(stack, holders):
     carol = stack.api("carol")  # not a member of vision
     r = carol.get(f"{stack.url}{PREFIX}/api/projects/vision/share", timeout=30)
     assert r.status_code == 403 and "not a member" in r.json()["message"]
+
+
+@pytest.mark.browser
+def test_the_home_page_shows_the_share_in_a_real_browser(browser, stack, holders):
+    """Chromium runs the home page's script: its fetch() logs alice in to the service through the
+    hub's OAuth (redirects followed) and fills in each project's GPUs."""
+    page = browser.new_page()
+    try:
+        stack.browser_login(page, "alice")
+        cells = page.locator("td.labyard-gpu-share")
+        page.wait_for_function("() => [...document.querySelectorAll('td.labyard-gpu-share')]"
+                               ".every(c => c.textContent.includes('GPU-hours'))", timeout=60_000)
+        text = dict(zip(cells.evaluate_all("cs => cs.map(c => c.dataset.project)"),
+                        cells.evaluate_all("cs => cs.map(c => c.textContent)")))
+        assert text["vision"].startswith("1 in use of 1 · you: ") and text["nlp"].startswith("2 in use of 2 · you: "), text
+    finally:
+        page.close()
 
 
 def _service_process(stack) -> psutil.Process:

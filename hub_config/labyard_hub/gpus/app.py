@@ -32,8 +32,9 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 from jupyterhub.utils import url_path_join
 from tornado import web
 
-from ..access import HubIdentities, Identities, IdentityUnavailable
+from ..access import HubIdentities, Identities
 from ..projects import Identity
+from ..webutil import current_identity, error_message
 from . import page
 from .cluster import ClusterReader, ClusterUnavailable
 from .usage import GROUPINGS, PERIODS, UsageStore, period_start
@@ -62,18 +63,11 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     def write_error(self, status_code: int, **kwargs):
-        message = self._reason
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"message": message, "status": status_code}))
+        self.finish(json.dumps({"message": error_message(self, **kwargs), "status": status_code}))
 
     async def identity(self) -> Identity:
-        try:
-            return await self.settings["identities"].get(self.current_user["name"])
-        except IdentityUnavailable as e:
-            raise web.HTTPError(502, f"cannot read {self.current_user['name']}'s identity from the hub: {e}") from e
+        return await current_identity(self)
 
     async def admin(self) -> Identity:
         identity = await self.identity()
