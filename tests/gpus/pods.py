@@ -24,7 +24,9 @@ def pod(name: str, namespace: str, *, gpus: int = 1, resource: str = "nvidia.com
         phase: str = "Running", start: datetime | None = T0, component: str = "singleuser-server",
         project: str | None = "vision", user: str | None = "alice", uid: str | None = None, finished: datetime | None = None,
         deleting: datetime | None = None, extra_labels: dict | None = None, unschedulable: str | None = None) -> V1Pod:
-    labels = {"app.kubernetes.io/name": "labyard", "app.kubernetes.io/component": component} if component else {}
+    # as the API server shows them: KubeSpawner's common labels name server pods "jupyterhub"
+    app = "jupyterhub" if component == "singleuser-server" else "labyard"
+    labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/component": component} if component else {}
     if project:
         labels["labyard.dev/project"] = project
     if user:

@@ -127,7 +127,9 @@ def _owner(pod) -> dict:
     """kind, project, user, server, schedule and run of a pod, from Labyard's labels."""
     meta = pod.metadata
     labels, annotations = meta.labels or {}, meta.annotations or {}
-    component = labels.get("app.kubernetes.io/component") if labels.get("app.kubernetes.io/name") == "labyard" else None
+    # Labyard's pods carry its project label (server pods are named app.kubernetes.io/name=jupyterhub
+    # by KubeSpawner, whose common labels win over the spawner's extra ones)
+    component = labels.get("app.kubernetes.io/component") if LABEL_PREFIX + "project" in labels else None
     kind = {SERVER_COMPONENT: "server", RUN_COMPONENT: "run"}.get(component, "other")
     found = {"kind": kind, "project": labels.get(LABEL_PREFIX + "project"), "user": labels.get(LABEL_PREFIX + "user")}
     if kind == "server":
