@@ -6,7 +6,10 @@ Routes (under ``/services/labyard-gpus/``):
   &period=day|week|month[&since=YYYY-MM-DD][&format=csv]`` GPU-hours: **hub admins only** (403
   for anybody else);
 * ``GET api/projects/<project>/share``: the project's GPU quota, GPUs in use and the caller's
-  GPU-hours this month, for **members of the project** (and admins); the hub's home page shows it.
+  GPU-hours this month, for **members of the project** (and admins); ``GET projects/<project>/share``
+  the same as one line of HTML, which the hub's home page shows in an iframe per project (a page
+  load: the hub's OAuth logs the user in to the service on the way, which a script's fetch()
+  could not, JupyterHub asking cookie-authenticated fetches for the service's XSRF token).
 
 Every request is authenticated by the hub (OAuth cookie for browsers, ``Authorization: token``
 for scripts); who is an admin or a member is read from the hub (:class:`HubIdentities`), as
@@ -145,10 +148,13 @@ class UsageHandler(BaseHandler):
 
 
 class ShareHandler(BaseHandler):
-    """A project's GPU quota, GPUs in use and the caller's GPU-hours this month (members, admins)."""
+    """A project's GPU quota, GPUs in use and the caller's GPU-hours this month (members, admins):
+    JSON under ``api/``, or (``html=True``) the line the hub's home page shows in an iframe."""
 
-    @web.authenticated
-    async def get(self, project):
+    def initialize(self, html: bool = False):
+        self.html = html
+
+    async def share(self, project: str) -> dict:
         identity = await self.identity()
         if not identity.admin and identity.project(project) is None:
             raise web.HTTPError(403, f"{identity.username} is not a member of project {project!r}".replace("%", "%%"))
@@ -157,7 +163,7 @@ class ShareHandler(BaseHandler):
         now = datetime.now(timezone.utc)
         month = period_start(now, "month")
         report = await self.usage.report("user", "month", now, month, project=project, user=identity.username)
-        self.send({
+        return {
             "project": project,
             "quota": figures.quota if figures else None,
             # the policy's quota.gpus limits each GPU resource of the project alike
@@ -168,7 +174,25 @@ class ShareHandler(BaseHandler):
             "month": month.date().isoformat(),
             "gpu_hours_this_month": round(sum(r.gpu_hours for r in report.rows), 6),
             "as_of": now.isoformat(),
-        })
+        }
+
+    @web.authenticated
+    async def get(self, project):
+        data = await self.share(project)
+        if not self.html:
+            self.send(data)
+            return
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(page.share(data))
+
+    def write_error(self, status_code: int, **kwargs):
+        if not self.html:
+            return super().write_error(status_code, **kwargs)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(page.share_error(error_message(self, **kwargs)))
+
+
+PROJECT = r"([a-z0-9][-a-z0-9_.]{0,62})"
 
 
 def make_app(reader: ClusterReader, usage: UsageStore, identities: Identities, prefix: str) -> web.Application:
@@ -177,7 +201,10 @@ def make_app(reader: ClusterReader, usage: UsageStore, identities: Identities, p
         (prefix.rstrip("/") + "/?", PageHandler),
         (url_path_join(api, "allocations") + "/?", AllocationsHandler),
         (url_path_join(api, "usage") + "/?", UsageHandler),
-        (url_path_join(api, "projects", r"([a-z0-9][-a-z0-9_.]{0,62})", "share") + "/?", ShareHandler),
+        (url_path_join(api, "projects", PROJECT, "share") + "/?", ShareHandler),
+        # what the hub's home page shows in each project's row, in an iframe: a page load (a
+        # navigation), so the hub's OAuth logs the user in to the service on the way
+        (url_path_join(prefix, "projects", PROJECT, "share") + "/?", ShareHandler, {"html": True}),
         (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
     ], reader=reader, usage=usage, identities=identities, prefix=prefix, cookie_secret=os.urandom(32))
 

@@ -82,3 +82,21 @@ def render(snapshot: Snapshot | None, error: str | None, prefix: str, now: datet
              "padding:.3em .6em;text-align:left}.error{color:#a00}.note{background:#eef;padding:.5em}.idle-gpu{color:#a60}")
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>Labyard GPUs</title><style>{style}</style>'
             f"</head><body>{''.join(parts)}</body></html>")
+
+
+_SHARE_STYLE = "body{margin:0;font:13px/1.6 sans-serif;color:#333;background:transparent;white-space:nowrap}"
+
+
+def share(data: dict) -> str:
+    """The home page's line for one project: GPUs in use of the quota, the user's GPU-hours this month."""
+    quota = "no quota" if data["gpu_quota"] is None else str(data["gpu_quota"])
+    waiting = f" · {data['waiting']} waiting" if data["waiting"] else ""
+    text = f"{data['in_use']} in use of {quota}{waiting} · you: {data['gpu_hours_this_month']:.1f} GPU-hours this month"
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>{_SHARE_STYLE}</style></head><body>'
+            f'<span id="share" data-in-use="{data["in_use"]}" data-gpu-quota="{escape(quota)}" '
+            f'data-gpu-hours="{data["gpu_hours_this_month"]}">{escape(text)}</span></body></html>')
+
+
+def share_error(message: str) -> str:
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>{_SHARE_STYLE}</style></head><body>'
+            f'<span id="share-error" title="{escape(message)}">unavailable</span></body></html>')
