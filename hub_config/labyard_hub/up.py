@@ -189,6 +189,8 @@ class Platform:
         services = []
         if s:
             services = [{"name": "labyard-scheduler", "port": s.scheduler_port}]
+            if s.kubernetes is not None:  # labyard-gpus runs in Kubernetes mode only (docs/admin/gpus.md)
+                services.append({"name": "labyard-gpus", "port": s.gpus_port})
         body = {"state": state, "pid": os.getpid(), "session": self.session, "public_url": f"http://127.0.0.1:{self.port}",
                 "given_up": self.given_up, "updated": time.time(),
                 "components": [c.state() for c in self.children], "services": services}

@@ -53,3 +53,12 @@ def test_page_lists_nodes_allocations_and_projects_escaped():
 def test_page_without_a_read_says_why():
     html = render(None, "the Kubernetes API did not answer the pod list within 10s", "/p/", T0)
     assert 'id="gpus-error"' in html and "did not answer the pod list" in html
+
+
+def test_share_line_of_the_home_page():
+    from labyard_hub.gpus.page import share, share_error
+
+    html = share({"in_use": 2, "gpu_quota": 2, "waiting": 1, "gpu_hours_this_month": 3.25})
+    assert ">2 in use of 2 · 1 waiting · you: 3.2 GPU-hours this month<" in html
+    assert "no quota" in share({"in_use": 0, "gpu_quota": None, "waiting": 0, "gpu_hours_this_month": 0})
+    assert 'title="&lt;x&gt;"' in share_error("<x>")

@@ -212,7 +212,7 @@ def test_the_home_page_shows_the_share_in_a_real_browser(browser, stack, holders
         text = {}
         for project in PROJECTS:
             line = page.frame_locator(f'td.labyard-gpu-share[data-project="{project}"] iframe').locator("#share")
-            line.wait_for(timeout=60_000)
+            line.wait_for(state="attached", timeout=60_000)
             text[project] = line.inner_text()
         assert text["vision"].startswith("1 in use of 1 · you: ") and text["nlp"].startswith("2 in use of 2 · you: "), text
         assert all(t.endswith(" GPU-hours this month") for t in text.values()), text
