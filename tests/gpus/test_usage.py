@@ -119,3 +119,14 @@ def test_async_api_runs_off_the_event_loop(tmp_path):
 
     assert asyncio.run(go()).rows[0].gpu_hours == pytest.approx(0.5)
     store.close()
+
+
+def test_interval_rows_of_the_api(tmp_path):
+    from labyard_hub.gpus.app import interval_row
+
+    store = UsageStore(tmp_path / "usage.sqlite")
+    store.observe_sync(T0, held(pod("a", "labyard-vision", gpus=2)), [])
+    (iv,) = store.intervals_sync()
+    row = interval_row(iv, T0 + timedelta(minutes=90))
+    assert (row["pod"], row["start"], row["end"], row["gpu_hours"]) == ("a", T0.isoformat(), None, 3.0)
+    store.close()

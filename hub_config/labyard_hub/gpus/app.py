@@ -3,8 +3,8 @@
 Routes (under ``/services/labyard-gpus/``):
 
 * ``GET /`` the page; ``GET api/allocations`` its data as JSON; ``GET api/usage?by=project|user
-  &period=day|week|month[&since=YYYY-MM-DD][&format=csv]`` GPU-hours: **hub admins only** (403
-  for anybody else);
+  &period=day|week|month[&since=YYYY-MM-DD][&format=csv]`` GPU-hours; ``GET api/intervals`` the
+  recorded interval of each pod they come from: **hub admins only** (403 for anybody else);
 * ``GET api/projects/<project>/share``: the project's GPU quota, GPUs in use and the caller's
   GPU-hours this month, for **members of the project** (and admins); ``GET projects/<project>/share``
   the same as one line of HTML, which the hub's home page shows in an iframe per project (a page
@@ -24,6 +24,8 @@ it as its own Deployment. Documented in docs/admin/gpus.md.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import logging
 import os
@@ -147,6 +149,48 @@ class UsageHandler(BaseHandler):
             self.send(report.model_dump(mode="json"))
 
 
+class IntervalsHandler(BaseHandler):
+    """``GET api/intervals[?since=YYYY-MM-DD][&format=csv]``: the recorded GPU intervals (one per
+    pod), with their GPU-hours up to now: where the GPU-hours of the reports come from."""
+
+    @web.authenticated
+    async def get(self):
+        await self.admin()
+        fmt = self.get_argument("format", None)
+        if fmt not in (None, "json", "csv"):
+            raise web.HTTPError(400, f"format must be json or csv, not {fmt!r}".replace("%", "%%"))
+        try:
+            since = parse_since(self.get_argument("since", None))
+        except ValueError as e:
+            raise web.HTTPError(400, str(e).replace("%", "%%")) from e
+        now = datetime.now(timezone.utc)
+        rows = [interval_row(iv, now) for iv in await self.usage.intervals(since)]
+        if fmt == "csv":
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=list(INTERVAL_FIELDS), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            self.set_header("Content-Type", "text/csv; charset=utf-8")
+            self.set_header("Content-Disposition", 'attachment; filename="gpu-intervals.csv"')
+            self.finish(out.getvalue())
+        else:
+            self.send({"as_of": now.isoformat(), "intervals": rows})
+
+
+INTERVAL_FIELDS = ("uid", "namespace", "pod", "kind", "project", "user", "server", "schedule", "run", "gpus",
+                   "start", "end", "gpu_hours")
+
+
+def interval_row(iv: dict, now: datetime) -> dict:
+    """One recorded interval for the API: times in ISO 8601, GPU-hours up to its end (or ``now``)."""
+    end = iv["end"] if iv["end"] is not None else now.timestamp()
+    row = {k: iv.get(k) for k in INTERVAL_FIELDS}
+    row["start"] = datetime.fromtimestamp(iv["start"], timezone.utc).isoformat()
+    row["end"] = datetime.fromtimestamp(iv["end"], timezone.utc).isoformat() if iv["end"] is not None else None
+    row["gpu_hours"] = round(max(0.0, end - iv["start"]) * iv["gpus"] / 3600, 9)
+    return row
+
+
 class ShareHandler(BaseHandler):
     """A project's GPU quota, GPUs in use and the caller's GPU-hours this month (members, admins):
     JSON under ``api/``, or (``html=True``) the line the hub's home page shows in an iframe."""
@@ -201,6 +245,7 @@ def make_app(reader: ClusterReader, usage: UsageStore, identities: Identities, p
         (prefix.rstrip("/") + "/?", PageHandler),
         (url_path_join(api, "allocations") + "/?", AllocationsHandler),
         (url_path_join(api, "usage") + "/?", UsageHandler),
+        (url_path_join(api, "intervals") + "/?", IntervalsHandler),
         (url_path_join(api, "projects", PROJECT, "share") + "/?", ShareHandler),
         # what the hub's home page shows in each project's row, in an iframe: a page load (a
         # navigation), so the hub's OAuth logs the user in to the service on the way
