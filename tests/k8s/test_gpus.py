@@ -1,12 +1,12 @@
 """labyard-gpus on the Kubernetes testbed, through a real `labyard up --kubernetes --demo`.
 
-Servers and a scheduled run hold GPUs of the testbed's kwok GPU nodes in two projects: alice's
-servers in vision and nlp (gpu-1 each) and carol's run in nlp (gpu-1, kept running until the
-test lets it finish). The service runs under the chart's `gpus` service account. The test
-compares what the API lists with the pods it lists itself from the API server (only its own
-project namespaces: other sessions share the testbed), checks that only hub admins see the page
-and the API, and that GPU-hours match the pods' start and end times as the API server reports
-them, across a restart of the service.
+Servers and a scheduled run hold GPUs of the testbed's kwok GPU nodes in two projects made for
+this module (A and B, LDAP groups with unique names: other sessions share the testbed): alice's
+servers in A and B (gpu-1 each) and carol's run in B (gpu-1, kept running until the test lets
+it finish). The service runs under the chart's `gpus` service account. The test compares what
+the API lists with the pods it lists itself from the API server (this stack's pods only),
+checks that only hub admins see the page and the API, and that GPU-hours match the pods' start
+and end times as the API server reports them, across a restart of the service.
 """
 
 from __future__ import annotations
@@ -26,11 +26,16 @@ from nbformat.v4 import new_code_cell, new_notebook
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.support.stack import Stack  # noqa: E402
 
+from labyard_hub import demo  # noqa: E402
 from labyard_testbed.testing import exists as _exists, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
-PROJECTS = ("vision", "nlp")
+#: the two projects of this module: LDAP groups made for it, with unique names (other sessions
+#: share the testbed): A (alice; quota 1 GPU) and B (alice and carol; quota 2 GPUs)
+_SUFFIX = uuid.uuid4().hex[:6]
+A, B = f"gpua-{_SUFFIX}", f"gpub-{_SUFFIX}"
+PROJECTS = (A, B)
 NAMESPACES = tuple(f"labyard-{p}" for p in PROJECTS)
 PREFIX = "/services/labyard-gpus"
 
@@ -40,28 +45,42 @@ def _ts(text: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, k8s_testbed, service_accounts):
+def policy_file(tmp_path_factory) -> Path:
+    policy = yaml.safe_load(demo.POLICY_FILE.read_text())
+    policy["projects"][A] = {"flavors": ["cpu", "gpu-1"], "quota": {"gpus": 1, "cpu": 32, "memory": "256Gi"}}
+    policy["projects"][B] = {"flavors": ["cpu", "gpu-1"], "quota": {"gpus": 2, "cpu": 32, "memory": "256Gi"}}
+    path = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, k8s_testbed, service_accounts, policy_file):
     tb = k8s_testbed
-    for ns in NAMESPACES:  # start from no project namespaces (as tests/k8s/test_spawner.py)
-        try:
-            tb.api.delete(f"/api/v1/namespaces/{ns}")
-        except Exception:
-            pass
-    wait_for(lambda: not any(_exists(tb, f"/api/v1/namespaces/{ns}") for ns in NAMESPACES), 120, "old project namespaces gone")
     config = {
+        "policy_file": str(policy_file),
+        "group_sync_interval": 2,
         "kubernetes": {"controller_interval": 2, "controller_kubeconfig": service_accounts["project-controller"],
                        "scheduler_kubeconfig": service_accounts["scheduler"], "gpus_kubeconfig": service_accounts["gpus"]},
         "cull": {"enabled": False},
         "gpus": {"poll_interval": 2},
     }
     s = Stack(tmp_path_factory.mktemp("labyard-k8s-gpus"), config=config, kubeconfig=service_accounts["hub"]).start()
-    wait_for(lambda: all(_exists(tb, f"/api/v1/namespaces/{ns}") for ns in NAMESPACES), 60, "project namespaces")
     try:
+        conn = s.demo_ldap()
+        for project, gid, members in ((A, 20081, ["alice"]), (B, 20082, ["alice", "carol"])):
+            conn.add(f"cn={project},ou=projects,{demo.SUFFIX}", ["posixGroup"],
+                     {"cn": project, "gidNumber": gid, "memberUid": members})
+        wait_for(lambda: all(_exists(tb, f"/api/v1/namespaces/{ns}/resourcequotas/labyard-quota") for ns in NAMESPACES),
+                 120, "the project namespaces")
         yield s
     finally:
-        tb.kubectl("delete", "job,cronjob,configmap", "-n", "labyard-nlp", "-l", "app.kubernetes.io/name=labyard",
-                   "--ignore-not-found", check=False)
         s.stop()
+        for ns in NAMESPACES:
+            try:
+                tb.api.delete(f"/api/v1/namespaces/{ns}")
+            except Exception:
+                pass
 
 
 def _release_file(tb, project: str, name: str) -> Path:
@@ -71,7 +90,7 @@ def _release_file(tb, project: str, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def holders(stack, k8s_testbed):
-    """alice's servers in vision and nlp, and carol's run in nlp, each holding one GPU; the run
+    """alice's servers in A and B, and carol's run in B, each holding one GPU; the run
     waits for a file in the project volume (``release``) before it ends."""
     tb = k8s_testbed
     alice, carol = stack.api("alice"), stack.api("carol")
@@ -86,17 +105,17 @@ def holders(stack, k8s_testbed):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     base = f"{stack.url}/services/labyard-scheduler/api"
     wait_for(lambda: carol.get(f"{base}/whoami", timeout=10).status_code == 200, 90, "the scheduler service")
-    r = carol.post(f"{base}/schedules", json={"project": "nlp", "notebook": "hold.ipynb", "notebook_content": json.loads(json.dumps(nb)),
+    r = carol.post(f"{base}/schedules", json={"project": B, "notebook": "hold.ipynb", "notebook_content": json.loads(json.dumps(nb)),
                                               "flavor": "gpu-1", "timeout_seconds": 900})
     assert r.status_code == 201, r.text
     run = r.json()["run"]["id"]
 
     def run_pod():
-        pods = tb.api.get("/api/v1/namespaces/labyard-nlp/pods", labelSelector=f"labyard.dev/run={run}")["items"]
+        pods = tb.api.get(f"/api/v1/namespaces/labyard-{B}/pods", labelSelector=f"labyard.dev/run={run}")["items"]
         return pods[0] if pods and pods[0]["status"].get("phase") == "Running" else None
 
     wait_for(run_pod, 180, "carol's run pod running")
-    yield {"run": run, "release": _release_file(tb, "nlp", release)}
+    yield {"run": run, "release": _release_file(tb, B, release)}
     for project in PROJECTS:  # the hub leaves pods running when it stops (they outlive its restarts)
         alice.delete(f"{alice.base}/users/alice/servers/{project}", timeout=60)
     wait_for(lambda: not any(_exists(tb, f"/api/v1/namespaces/labyard-{p}/pods/jupyter-alice--{p}") for p in PROJECTS),
@@ -158,17 +177,17 @@ def test_the_api_lists_exactly_the_pods_holding_gpus(stack, k8s_testbed, holders
         assert a["project"] == labels["labyard.dev/project"] and a["user"] == labels["labyard.dev/user"]
         assert _ts(a["since"]) == _ts(pod["status"]["startTime"])
     servers = sorted((a["project"], a["user"], a["server"]) for a in mine.values() if a["kind"] == "server")
-    assert servers == [("nlp", "alice", "nlp"), ("vision", "alice", "vision")]
+    assert servers == [(A, "alice", A), (B, "alice", B)]
     assert all(a["idle_seconds"] is not None and a["idle_seconds"] >= 0 for a in mine.values() if a["kind"] == "server")
     (run,) = [a for a in mine.values() if a["kind"] == "run"]
-    assert (run["project"], run["user"], run["run"]) == ("nlp", "carol", holders["run"]) and run["schedule"]
+    assert (run["project"], run["user"], run["run"]) == (B, "carol", holders["run"]) and run["schedule"]
     # the two GPU nodes of the testbed with their product, and per project the quota and what is in use
     nodes = {n["name"]: n for n in data["nodes"]}
     assert {"gpu-node-1", "gpu-node-2"} <= set(nodes) and all(nodes[n]["resources"]["nvidia.com/gpu"] == 4 for n in ("gpu-node-1", "gpu-node-2"))
     assert nodes["gpu-node-1"]["product"] == "NVIDIA-A100-SXM4-80GB"
     projects = {p["project"]: p for p in data["projects"]}
-    assert (projects["vision"]["quota"], projects["vision"]["in_use"]) == ({"nvidia.com/gpu": 1}, 1)
-    assert (projects["nlp"]["quota"], projects["nlp"]["in_use"]) == ({"nvidia.com/gpu": 2}, 2)
+    assert (projects[A]["quota"], projects[A]["in_use"]) == ({"nvidia.com/gpu": 1}, 1)
+    assert (projects[B]["quota"], projects[B]["in_use"]) == ({"nvidia.com/gpu": 2}, 2)
     assert data["utilisation"]["configured"] is False and "gpus.prometheus_url" in data["utilisation"]["message"]
     # the page shows the same, and says how to enable utilisation
     page = admin.get(f"{admin.base}/", timeout=30)
@@ -201,16 +220,16 @@ def test_members_see_their_projects_share_on_the_home_page(stack, holders):
         assert f'<iframe src="{PREFIX}/projects/{project}/share"' in home.text
     # what each iframe loads, with alice's browser session (the service logs her in through the
     # hub's OAuth, redirects followed as a browser follows them)
-    line = browser.get(f"{stack.url}{PREFIX}/projects/nlp/share", timeout=30)
+    line = browser.get(f"{stack.url}{PREFIX}/projects/{B}/share", timeout=30)
     assert line.status_code == 200 and "2 in use of 2 · you: " in line.text, line.text
     # the same as JSON for scripts, with a token
-    share = stack.api("alice").get(f"{stack.url}{PREFIX}/api/projects/nlp/share", timeout=30)
+    share = stack.api("alice").get(f"{stack.url}{PREFIX}/api/projects/{B}/share", timeout=30)
     assert share.status_code == 200, share.text
     data = share.json()
-    assert (data["project"], data["gpu_quota"], data["in_use"], data["user"]) == ("nlp", 2, 2, "alice")
+    assert (data["project"], data["gpu_quota"], data["in_use"], data["user"]) == (B, 2, 2, "alice")
     assert data["gpu_hours_this_month"] > 0
-    carol = stack.api("carol")  # not a member of vision
-    for path in ("/api/projects/vision/share", "/projects/vision/share"):
+    carol = stack.api("carol")  # not a member of A
+    for path in (f"/api/projects/{A}/share", f"/projects/{A}/share"):
         r = carol.get(f"{stack.url}{PREFIX}{path}", timeout=30)
         assert r.status_code == 403 and "not a member" in (r.json()["message"] if "api" in path else r.text)
 
@@ -227,7 +246,7 @@ def test_the_home_page_shows_the_share_in_a_real_browser(browser, stack, holders
             frame = page.frame_locator(f'td.labyard-gpu-share[data-project="{project}"] iframe')
             frame.locator("#share, #share-error").wait_for(state="attached", timeout=60_000)
             text[project] = frame.locator("body").inner_html()
-        assert ">1 in use of 1 · you: " in text["vision"] and ">2 in use of 2 · you: " in text["nlp"], text
+        assert ">1 in use of 1 · you: " in text[A] and ">2 in use of 2 · you: " in text[B], text
         assert all(" GPU-hours this month<" in t for t in text.values()), text
     finally:
         page.close()
@@ -250,7 +269,7 @@ def test_gpu_hours_match_the_pods_lifetimes_across_a_restart(stack, k8s_testbed,
     holders["release"].write_text("go")
 
     def finished():
-        pods = tb.api.get("/api/v1/namespaces/labyard-nlp/pods", labelSelector=f"labyard.dev/run={run_id}")["items"]
+        pods = tb.api.get(f"/api/v1/namespaces/labyard-{B}/pods", labelSelector=f"labyard.dev/run={run_id}")["items"]
         return pods[0] if pods and pods[0]["status"].get("phase") in ("Succeeded", "Failed") else None
 
     run_pod = wait_for(finished, 180, "carol's run to finish", interval=1)
@@ -306,4 +325,4 @@ def test_gpu_hours_match_the_pods_lifetimes_across_a_restart(stack, k8s_testbed,
     by_project = admin.get(f"{admin.base}/api/usage?by=project&period=day&format=csv", timeout=30)
     assert by_project.headers["Content-Type"].startswith("text/csv")
     lines = by_project.text.splitlines()
-    assert lines[0] == "period,project,gpu_hours" and any(",nlp," in line for line in lines[1:])
+    assert lines[0] == "period,project,gpu_hours" and any(f",{B}," in line for line in lines[1:])
