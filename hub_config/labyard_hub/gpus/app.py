@@ -86,6 +86,26 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         except ClusterUnavailable as e:
             raise web.HTTPError(503, str(e).replace("%", "%%")) from e
 
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        """Query parameter ``name``, one of ``allowed``; 400 naming it otherwise."""
+        value = self.get_argument(name, default)
+        if value not in allowed:
+            raise web.HTTPError(400, f"{name} must be one of {', '.join(allowed)}, not {value!r}".replace("%", "%%"))
+        return value
+
+    def wants_csv(self) -> bool:
+        """``format=csv``, or no format and ``Accept: text/csv``; 400 for another format."""
+        fmt = self.get_argument("format", None)
+        if fmt not in (None, "json", "csv"):
+            raise web.HTTPError(400, f"format must be json or csv, not {fmt!r}".replace("%", "%%"))
+        return fmt == "csv" or (fmt is None and "text/csv" in self.request.headers.get("Accept", ""))
+
+    def since(self) -> datetime | None:
+        try:
+            return parse_since(self.get_argument("since", None))
+        except ValueError as e:
+            raise web.HTTPError(400, str(e).replace("%", "%%")) from e
+
     def send(self, data) -> None:
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(data, default=str))
@@ -126,20 +146,9 @@ class UsageHandler(BaseHandler):
     @web.authenticated
     async def get(self):
         await self.admin()
-        by = self.get_argument("by", "project")
-        period = self.get_argument("period", "month")
-        fmt = self.get_argument("format", None)
-        if by not in GROUPINGS:
-            raise web.HTTPError(400, f"by must be one of {', '.join(GROUPINGS)}, not {by!r}".replace("%", "%%"))
-        if period not in PERIODS:
-            raise web.HTTPError(400, f"period must be one of {', '.join(PERIODS)}, not {period!r}".replace("%", "%%"))
-        if fmt not in (None, "json", "csv"):
-            raise web.HTTPError(400, f"format must be json or csv, not {fmt!r}".replace("%", "%%"))
-        try:
-            since = parse_since(self.get_argument("since", None))
-        except ValueError as e:
-            raise web.HTTPError(400, str(e).replace("%", "%%")) from e
-        csv_wanted = fmt == "csv" or (fmt is None and "text/csv" in self.request.headers.get("Accept", ""))
+        by = self.choice("by", GROUPINGS, "project")
+        period = self.choice("period", PERIODS, "month")
+        csv_wanted, since = self.wants_csv(), self.since()
         report = await self.usage.report(by, period, datetime.now(timezone.utc), since)
         if csv_wanted:
             self.set_header("Content-Type", "text/csv; charset=utf-8")
@@ -156,16 +165,10 @@ class IntervalsHandler(BaseHandler):
     @web.authenticated
     async def get(self):
         await self.admin()
-        fmt = self.get_argument("format", None)
-        if fmt not in (None, "json", "csv"):
-            raise web.HTTPError(400, f"format must be json or csv, not {fmt!r}".replace("%", "%%"))
-        try:
-            since = parse_since(self.get_argument("since", None))
-        except ValueError as e:
-            raise web.HTTPError(400, str(e).replace("%", "%%")) from e
+        csv_wanted, since = self.wants_csv(), self.since()
         now = datetime.now(timezone.utc)
         rows = [interval_row(iv, now) for iv in await self.usage.intervals(since)]
-        if fmt == "csv":
+        if csv_wanted:
             out = io.StringIO()
             writer = csv.DictWriter(out, fieldnames=list(INTERVAL_FIELDS), lineterminator="\n")
             writer.writeheader()
