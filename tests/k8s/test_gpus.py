@@ -217,7 +217,7 @@ def test_members_see_their_projects_share_on_the_home_page(stack, holders):
     home = browser.get(f"{stack.url}/hub/home", timeout=30)
     assert home.status_code == 200
     for project in PROJECTS:
-        assert f'<iframe src="{PREFIX}/projects/{project}/share"' in home.text
+        assert f'<iframe data-src="{PREFIX}/projects/{project}/share"' in home.text
     # what each iframe loads, with alice's browser session (the service logs her in through the
     # hub's OAuth, redirects followed as a browser follows them)
     line = browser.get(f"{stack.url}{PREFIX}/projects/{B}/share", timeout=30)
@@ -239,12 +239,18 @@ def test_the_home_page_shows_the_share_in_a_real_browser(browser, stack, holders
     """Chromium loads the home page: each project's iframe logs alice in to the service through
     the hub's OAuth and shows the project's GPUs and her GPU-hours."""
     page = browser.new_page()
+    responses = []
+    page.on("response", lambda r: responses.append(f"{r.status} {r.url}"))
     try:
         stack.browser_login(page, "alice")
         text = {}
         for project in PROJECTS:
             frame = page.frame_locator(f'td.labyard-gpu-share[data-project="{project}"] iframe')
-            frame.locator("#share, #share-error").wait_for(state="attached", timeout=60_000)
+            try:
+                frame.locator("#share, #share-error").wait_for(state="attached", timeout=60_000)
+            except Exception:
+                frames = [(f.url, f.content()[:300]) for f in page.frames]
+                pytest.fail(f"no share line for {project}: frames {frames}; responses {responses[-30:]}")
             text[project] = frame.locator("body").inner_html()
         assert ">1 in use of 1 · you: " in text[A] and ">2 in use of 2 · you: " in text[B], text
         assert all(" GPU-hours this month<" in t for t in text.values()), text
