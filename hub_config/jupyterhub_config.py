@@ -131,8 +131,21 @@ service("labyard-scheduler", [sys.executable, "-m", "labyard_hub.scheduler.app"]
 # tokens: a scheduled run gets a token of its owner for MLflow only (labyard_hub.scheduler.tokens)
 roles.append({"name": "labyard-scheduler", "services": ["labyard-scheduler"],
               "scopes": ["read:users", "admin:auth_state", "list:groups", "read:groups", *(["tokens"] if s.mlflow_url else [])]})
-# users, and their servers' tokens, may use the scheduler and MLflow
-services_for_users = ["labyard-scheduler", *(["mlflow"] if s.mlflow_url else [])]
+# labyard-gpus (Kubernetes mode only; local mode has no GPU inventory): the admins' GPU page and API, GPU-hours,
+# and each member's project share on the home page (docs/admin/gpus.md). Its role: list users and read their
+# servers' last activity (idle time), read users and groups (who is an admin, who is a member); nothing else.
+if k is not None:
+    gpus_env = {**service_env, "PYTHONUNBUFFERED": "1"}
+    if k.gpus_kubeconfig:
+        gpus_env["KUBECONFIG"] = str(k.gpus_kubeconfig)
+    service("labyard-gpus", [sys.executable, "-m", "labyard_hub.gpus.app"], gpus_env, oauth_no_confirm=True, url=s.gpus_url)
+    roles.append({"name": "labyard-gpus", "services": ["labyard-gpus"],
+                  "scopes": ["list:users", "read:users", "read:servers", "list:groups", "read:groups"]})
+    # the home page fetches each project's GPU share from it
+    c.JupyterHub.template_vars = {"labyard_gpus_prefix": "/services/labyard-gpus/"}
+
+# users, and their servers' tokens, may use the scheduler and MLflow (and, in Kubernetes mode, see their GPU share)
+services_for_users = ["labyard-scheduler", *(["mlflow"] if s.mlflow_url else []), *(["labyard-gpus"] if k is not None else [])]
 for name, scopes in (("user", ["self"]), ("server", ["users:activity!user", "access:servers!server"])):
     roles.append({"name": name, "scopes": [*scopes, *(f"access:services!service={n}" for n in services_for_users)]})
 # single-user servers reach the scheduler directly (their server extension calls it for the user)

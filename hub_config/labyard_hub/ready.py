@@ -44,6 +44,8 @@ def expected_routes(settings: Settings) -> list[str]:
     routes = ["/", "/services/labyard-scheduler/"]
     if settings.mlflow_url:
         routes.append("/services/mlflow/")
+    if settings.kubernetes is not None:
+        routes.append("/services/labyard-gpus/")
     return routes
 
 
@@ -78,6 +80,9 @@ async def problems(settings: Settings, public_url: str, mlflow: bool = True) -> 
                 found.append(f"proxy: no route yet for {', '.join(missing)}")
     through = [Probe("hub through the proxy", f"{public}/hub/api/")]
     through.append(Probe("labyard-scheduler through the proxy", f"{public}/services/labyard-scheduler/api/whoami"))
+    if settings.kubernetes is not None:
+        # without a login it sends to the hub's login page: an answer, not a 502 of the proxy
+        through.append(Probe("labyard-gpus through the proxy", f"{public}/services/labyard-gpus/api/allocations"))
     if settings.mlflow_url and mlflow:
         through.append(Probe("MLflow", f"{settings.mlflow_url.rstrip('/')}/health"))
         through.append(Probe("MLflow through the proxy", f"{public}/services/mlflow/"))

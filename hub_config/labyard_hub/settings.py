@@ -32,6 +32,7 @@ class KubernetesSettings(BaseModel):
     hub_service_account: str = Field("hub", description="Service account of the hub (granted labyard-hub-project in each project namespace).")
     scheduler_service_account: str = Field("scheduler", description="Service account of the scheduler (granted labyard-scheduler-project).")
     scheduler_kubeconfig: Path | None = Field(None, description="kubeconfig of the labyard-scheduler service; None: the same as kubeconfig.")
+    gpus_kubeconfig: Path | None = Field(None, description="kubeconfig of the labyard-gpus service (reads nodes, pods and quotas); None: the same as kubeconfig.")
     image: str = Field("labyard/singleuser:0.1.0", description="Default single-user image (a project's policy may set its own).")
     image_pull_policy: str = "IfNotPresent"
     pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every server pod.")
@@ -70,6 +71,26 @@ class SchedulerSettings(BaseModel):
     reconcile_interval: int = Field(
         10, ge=1, description="Seconds between two checks of every active cron schedule against its owner's current "
                               "membership and the policy (a schedule that fails one is paused with the reason).")
+
+
+class GpuSettings(BaseModel):
+    """The labyard-gpus service: the admin's GPU view, GPU-hours, utilisation (docs/admin/gpus.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    poll_interval: int = Field(
+        15, ge=1, description="Seconds between two reads of the cluster (nodes, pods, quotas). A pod that vanishes between "
+                              "two reads without being seen ending is counted until the last read that saw it.")
+    kube_timeout: float = Field(10, gt=0, description="Seconds each Kubernetes API call of a read may take; beyond, the "
+                                                      "page and API answer 503 saying so until a read succeeds.")
+    prometheus_url: str | None = Field(
+        None, description="A Prometheus scraping NVIDIA's dcgm-exporter (with its Kubernetes pod attribution), e.g. "
+                          "http://prometheus.monitoring.svc:9090: utilisation and memory per allocated GPU. None: the page "
+                          "says utilisation is not configured.")
+    prometheus_timeout: float = Field(5, gt=0, description="Seconds each Prometheus query may take.")
+    idle_threshold: int = Field(
+        1800, ge=60, description="Seconds a pod may hold its GPUs at 0 % utilisation before the page flags it "
+                                 "(needs prometheus_url).")
 
 
 class CullSettings(BaseModel):
@@ -126,6 +147,10 @@ class Settings(BaseModel):
         description="The labyard-scheduler service as the hub, the proxy and the servers reach it, e.g. "
         "http://scheduler.labyard.svc:8082 (None: http://127.0.0.1:<scheduler_port>).",
     )
+    gpus_port: int = Field(8083, description="Port of the labyard-gpus hub service when the hub starts it (on 127.0.0.1; Kubernetes mode).")
+    gpus_url: str | None = Field(
+        None, description="The labyard-gpus service as the hub and the proxy reach it, e.g. http://gpus.labyard.svc:8083 "
+                          "(None: http://127.0.0.1:<gpus_port>).")
     mlflow_url: str | None = Field(None, description=(
         "Where the MLflow server (`mlflow server --app-name labyard`, the gate in front of every request) listens, "
         "as the hub's proxy reaches it, e.g. http://mlflow.labyard.svc:5000; the proxy routes /services/mlflow/ to it. "
@@ -162,6 +187,7 @@ class Settings(BaseModel):
     local: LocalSettings = Field(default_factory=LocalSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     cull: CullSettings = Field(default_factory=CullSettings)
+    gpus: GpuSettings = Field(default_factory=GpuSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -180,6 +206,7 @@ class Settings(BaseModel):
         self.hub_connect_url = self.hub_connect_url or f"http://127.0.0.1:{self.hub_port}"
         self.proxy_api_url = self.proxy_api_url or f"http://127.0.0.1:{self.proxy_api_port}"
         self.scheduler_url = self.scheduler_url or f"http://127.0.0.1:{self.scheduler_port}"
+        self.gpus_url = self.gpus_url or f"http://127.0.0.1:{self.gpus_port}"
         self.secrets_dir = self.secrets_dir or self.data_dir / "secrets"
         self.db_url = self.db_url or f"sqlite:///{self.hub_dir / 'jupyterhub.sqlite'}"
         return self

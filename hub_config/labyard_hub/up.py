@@ -189,6 +189,8 @@ class Platform:
         services = []
         if s:
             services = [{"name": "labyard-scheduler", "port": s.scheduler_port}]
+            if s.kubernetes is not None:  # labyard-gpus runs in Kubernetes mode only (docs/admin/gpus.md)
+                services.append({"name": "labyard-gpus", "port": s.gpus_port})
         body = {"state": state, "pid": os.getpid(), "session": self.session, "public_url": f"http://127.0.0.1:{self.port}",
                 "given_up": self.given_up, "updated": time.time(),
                 "components": [c.state() for c in self.children], "services": services}
@@ -288,6 +290,7 @@ class Platform:
                 "hub_port": hub_port,
                 "proxy_api_port": own.get("proxy_api_port") or free_port(),
                 "scheduler_port": own.get("scheduler_port") or free_port(),
+                "gpus_port": own.get("gpus_port") or free_port(),
                 "mlflow_url": own.get("mlflow_url") or f"http://127.0.0.1:{mlflow_port}",
             })
             from .ldap import ldap_config

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "k8s"))
 import schema as chart_schema  # noqa: E402
 
 from labyard_testbed.control import build as build_testbed  # noqa: E402
+from ..support.hubconfig import hub_config  # noqa: E402
 
 #: the Kubernetes version of the testbed (tests/k8s/build/build.sh), which we target
 K8S_VERSION = re.search(r'KUBE_VERSION="?v?([0-9.]+)', (ROOT / "tests" / "k8s" / "build" / "build.sh").read_text()).group(1)
@@ -146,7 +147,7 @@ def test_manifests_are_valid_kubernetes(helm, values):
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {e.message} at {'.'.join(map(str, e.path))}")
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for name in ("hub", "proxy", "scheduler", "mlflow", "controller", "culler"):
+    for name in ("hub", "proxy", "scheduler", "mlflow", "controller", "culler", "gpus"):
         assert ("Deployment", name) in kinds
         assert ("NetworkPolicy", name) in kinds
     if values:
@@ -188,20 +189,7 @@ def _settings(docs: list[dict]) -> dict:
 
 def _hub_config(settings_file: Path) -> Config:
     """Run jupyterhub_config.py as the hub would, on the chart's settings."""
-    import os
-
-    config = Config()
-    old = os.environ.get("LABYARD_SETTINGS")
-    os.environ["LABYARD_SETTINGS"] = str(settings_file)
-    try:
-        code = (ROOT / "hub_config" / "jupyterhub_config.py").read_text()
-        exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": lambda: config})
-    finally:
-        if old is None:
-            del os.environ["LABYARD_SETTINGS"]
-        else:
-            os.environ["LABYARD_SETTINGS"] = old
-    return config
+    return hub_config(settings_file)
 
 
 @pytest.mark.parametrize("values", [(), (EVERYTHING,)], ids=["defaults", "everything"])
@@ -233,10 +221,13 @@ def test_hub_config_from_the_rendered_settings(helm, values, tmp_path):
     assert c.ConfigurableHTTPProxy.api_url == f"http://proxy-api.{svc}:8001"
     assert c.ConfigurableHTTPProxy.auth_token == "secret-of-proxy-token"
     services = {x["name"]: x for x in c.JupyterHub.services}
-    assert set(services) == {"labyard-scheduler", "labyard-controller", "mlflow", "idle-culler"}
+    assert set(services) == {"labyard-scheduler", "labyard-controller", "mlflow", "idle-culler", "labyard-gpus"}
     for name, service in services.items():
         assert "command" not in service and service["api_token"] == f"secret-of-{name}.api-token"
     assert services["labyard-scheduler"]["url"] == f"http://scheduler.{svc}:8082"
+    assert services["labyard-gpus"]["url"] == s.gpus_url == f"http://gpus.{svc}:8083"
+    assert s.gpus.prometheus_url == ("http://prometheus.monitoring.svc:9090" if values else None)
+    assert c.JupyterHub.template_vars == {"labyard_gpus_prefix": "/services/labyard-gpus/"}
     # the proxy routes /services/mlflow/ to MLflow itself (the gate is in its process); servers and
     # runs log through the proxy (MLflow's port is closed to the project namespaces) with their own token
     assert services["mlflow"]["url"] == f"http://mlflow.{svc}:5000"
@@ -258,7 +249,7 @@ def test_hub_config_from_the_rendered_settings(helm, values, tmp_path):
     controller_role = next(r for r in c.JupyterHub.load_roles if r["name"] == "labyard-controller")
     assert controller_role["services"] == ["labyard-controller"] and "admin:groups" in controller_role["scopes"]
     for deployment, service in (("scheduler", "labyard-scheduler"), ("controller", "labyard-controller"), ("culler", "idle-culler"),
-                                ("mlflow", "mlflow")):
+                                ("mlflow", "mlflow"), ("gpus", "labyard-gpus")):
         env = {e["name"]: e for e in deployments[deployment]["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["JUPYTERHUB_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "labyard-secrets", "key": f"{service}.api-token"}
         assert env["JUPYTERHUB_API_URL"]["value"] == f"http://hub.{svc}:8081/hub/api"
@@ -277,7 +268,8 @@ def test_secrets_are_generated_once(helm):
     docs = render(helm)
     secret = by_kind(docs, "Secret")["labyard-secrets"]
     assert set(secret["data"]) == {"cookie-secret", "crypt-key", "proxy-token", "labyard-scheduler.api-token",
-                                   "labyard-controller.api-token", "idle-culler.api-token", "mlflow.api-token"}
+                                   "labyard-controller.api-token", "idle-culler.api-token", "mlflow.api-token",
+                                   "labyard-gpus.api-token"}
     import base64
 
     values = [base64.b64decode(v).decode() for v in secret["data"].values()]
@@ -306,6 +298,7 @@ def test_network_policies_let_in_only_who_needs_it(helm):
     assert components("mlflow", 5000) == {"proxy", "hub", "ready"}  # not the project namespaces
     assert components("scheduler", 8082) == {"proxy", "hub", "ready", "projects"}
     assert components("proxy", 8001) == {"hub", "ready"}
+    assert components("gpus", 8083) == {"proxy", "hub", "ready"}  # not the project namespaces
     assert {"proxy", "projects", "controller", "scheduler", "culler"} <= components("hub", 8081)
     assert netpols["controller"]["spec"]["ingress"] == [] and netpols["culler"]["spec"]["ingress"] == []
     # the project namespaces the controller makes carry the labels the policies select on
@@ -334,8 +327,11 @@ def test_rbac_is_least_privilege(helm):
     an admission policy."""
     docs = render(helm)
     roles = by_kind(docs, "ClusterRole")
-    assert set(roles) == {"labyard-hub", "labyard-hub-project", "labyard-scheduler-project", "labyard-project-controller"}
-    assert set(by_kind(docs, "ServiceAccount")) == {"hub", "scheduler", "project-controller"}
+    assert set(roles) == {"labyard-hub", "labyard-hub-project", "labyard-scheduler-project", "labyard-project-controller",
+                          "labyard-gpus"}
+    assert set(by_kind(docs, "ServiceAccount")) == {"hub", "scheduler", "project-controller", "gpus"}
+    # labyard-gpus reads nodes, pods and quotas, nothing else (no logs, exec, Secrets, writes)
+    assert _verbs(roles["labyard-gpus"]) == {"nodes": {"list"}, "pods": {"list"}, "resourcequotas": {"list"}}
     scheduler = _verbs(roles["labyard-scheduler-project"])
     assert scheduler == {"jobs": {"list", "create", "patch"}, "cronjobs": {"create", "update", "patch", "delete"},
                          "configmaps": {"get", "list", "create", "update", "delete"}, "resourcequotas": {"get"},

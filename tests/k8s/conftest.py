@@ -104,7 +104,7 @@ def kubeconfig(k8s_testbed: Testbed) -> str:
 
 
 HELM_CHART = os.path.join(os.path.dirname(os.path.dirname(K8S_DIR)), "helm", "labyard")
-SERVICE_ACCOUNTS = ("hub", "project-controller", "scheduler")
+SERVICE_ACCOUNTS = ("hub", "project-controller", "scheduler", "gpus")
 
 
 @pytest.fixture(scope="session")
@@ -112,12 +112,12 @@ def service_accounts(tmp_path_factory, k8s_testbed: Testbed) -> dict[str, str]:
     """The chart's RBAC (only its templates/<component>/rbac.yaml files) applied in namespace
     ``labyard``; a kubeconfig (path) per service account.
 
-    The hub, the project controller and the scheduler run with these in the tests, never as
+    The hub, the project controller, the scheduler and labyard-gpus run with these in the tests, never as
     cluster admin: the tests prove that the rights the chart grants are enough, and no more.
     """
     tb = k8s_testbed
     tb.kubectl("create", "namespace", "labyard", check=False)
-    rbac = [arg for component in ("hub", "scheduler", "controller") for arg in ("--show-only", f"templates/{component}/rbac.yaml")]
+    rbac = [arg for component in ("hub", "scheduler", "controller", "gpus") for arg in ("--show-only", f"templates/{component}/rbac.yaml")]
     rendered = tb.helm("template", "labyard", HELM_CHART, "--namespace", "labyard", *rbac).stdout
     tb.kubectl("apply", "-f", "-", input=rendered)
     with open(tb.kubeconfig) as f:

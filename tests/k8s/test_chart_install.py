@@ -36,13 +36,13 @@ def test_install_upgrade_uninstall(k8s_testbed, k8s_namespace):
     tb, ns = k8s_testbed, k8s_namespace
     # cluster-wide RBAC objects have fixed names and other modules of this session create them
     common = ["labyard", str(CHART), "--namespace", ns, "--set", "rbac.create=false", "--wait", "--timeout", "8m"]
-    for sa in ("hub", "scheduler", "project-controller"):
+    for sa in ("hub", "scheduler", "project-controller", "gpus"):
         tb.kubectl("create", "serviceaccount", sa, "-n", ns)
     tb.helm("install", *common, timeout=600)
     available = wait_for(lambda: (a := _deployments_available(tb, ns)) and all(a.values()) and a, 120, "Deployments available")
-    assert set(available) == {"hub", "proxy", "scheduler", "mlflow", "controller", "culler"}
+    assert set(available) == {"hub", "proxy", "scheduler", "mlflow", "controller", "culler", "gpus"}
     secrets = tb.api.get(f"/api/v1/namespaces/{ns}/secrets/labyard-secrets")["data"]
-    assert len(secrets) == 7  # cookie, crypt key, proxy token, and the tokens of scheduler, controller, culler, MLflow
+    assert len(secrets) == 8  # cookie, crypt key, proxy token, and the tokens of scheduler, controller, culler, MLflow, gpus
     settings = _settings(tb, ns)
     assert settings["hub_connect_url"] == f"http://hub.{ns}.svc.cluster.local:8081"
     assert settings["cull"]["timeout"] == 3600
@@ -64,6 +64,6 @@ def test_install_upgrade_uninstall(k8s_testbed, k8s_namespace):
     # uninstall keeps the secrets and the databases' volumes
     tb.helm("uninstall", "labyard", "--namespace", ns, "--wait", timeout=300)
     assert tb.api.get(f"/api/v1/namespaces/{ns}/secrets/labyard-secrets")["data"] == secrets
-    for pvc in ("hub-db", "mlflow-data"):
+    for pvc in ("hub-db", "mlflow-data", "gpus-data"):
         assert tb.api.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{pvc}")
     assert not _deployments_available(tb, ns)

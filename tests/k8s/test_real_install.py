@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "labyard"
 NS = "labyard-real"
-PLATFORM = ("hub", "proxy", "scheduler", "mlflow", "controller", "culler")
+PLATFORM = ("hub", "proxy", "scheduler", "mlflow", "controller", "culler", "gpus")
 PLACEMENT = {"nodeSelector": REAL_NODE_PLACEMENT["nodeSelector"], "tolerations": REAL_NODE_PLACEMENT["tolerations"]}
 
 
@@ -85,7 +85,7 @@ def values(images: dict[str, str], slapd, real_node: dict) -> dict:
             "defaults": {"flavors": ["cpu"]},
         },
     }
-    for c in ("scheduler", "mlflow", "controller", "culler"):
+    for c in ("scheduler", "mlflow", "controller", "culler", "gpus"):
         v[c] = dict(PLACEMENT)  # the chart's requests: CPU shares keep them alive next to the host's processes
     return v
 

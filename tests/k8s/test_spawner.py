@@ -21,7 +21,7 @@ from labyard_hub import demo
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.support.stack import Stack  # noqa: E402
 
-from labyard_testbed.testing import wait_for  # noqa: E402
+from labyard_testbed.testing import exists as _exists, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
@@ -74,14 +74,6 @@ def stack(tmp_path_factory, k8s_testbed, policy_file, service_accounts):
 @pytest.fixture(scope="module")
 def alice(stack):
     return stack.api("alice")
-
-
-def _exists(tb, path: str) -> bool:
-    try:
-        tb.api.get(path)
-        return True
-    except Exception:
-        return False
 
 
 def _pod(tb, project: str, user: str) -> dict:

@@ -116,7 +116,7 @@ the generated secrets as files and a writable /tmp, for the pods that read $LABY
     secretName: labyard-secrets
     defaultMode: 0440
     items:
-      {{- range (list "proxy-token" "cookie-secret" "labyard-scheduler.api-token" "labyard-controller.api-token" "idle-culler.api-token" "mlflow.api-token") }}
+      {{- range (list "proxy-token" "cookie-secret" "labyard-scheduler.api-token" "labyard-controller.api-token" "idle-culler.api-token" "mlflow.api-token" "labyard-gpus.api-token") }}
       - {key: {{ . }}, path: {{ . }}}
       {{- end }}
 - name: tmp

@@ -30,7 +30,8 @@ from pydantic import BaseModel, ValidationError
 from tornado import web
 
 from .. import isolation
-from ..access import Access, AccessError, Identities, HubIdentities, IdentityUnavailable
+from ..webutil import current_identity, error_message
+from ..access import Access, AccessError, Identities, HubIdentities
 from ..projects import Identity, validation_message
 from .backend import Backend, BadRequest, Conflict, NotFound, Unavailable
 from .models import ReproduceCreate, RunCreate, ScheduleCreate, ScheduleUpdate, check_notebook_path
@@ -118,17 +119,10 @@ class APIHandler(HubOAuthenticated, web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     def write_error(self, status_code: int, **kwargs):
-        message = self._reason
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        self.finish(json.dumps({"message": message, "status": status_code}))
+        self.finish(json.dumps({"message": error_message(self, **kwargs), "status": status_code}))
 
     async def identity(self) -> Identity:
-        try:
-            return await self.settings["identities"].get(self.current_user["name"])
-        except IdentityUnavailable as e:
-            raise web.HTTPError(502, f"cannot read {self.current_user['name']}'s identity from the hub: {e}") from e
+        return await current_identity(self)
 
     def body(self, model: type[BaseModel]) -> BaseModel:
         """The body as ``model``: 413 if too large, 400 (naming the fields) if not what it must be."""

@@ -94,6 +94,15 @@ REAL_NODE_PLACEMENT = {
 }
 
 
+def exists(tb: Testbed, path: str) -> bool:
+    """Whether the API server has the object at ``path`` (any error: no)."""
+    try:
+        tb.api.get(path)
+        return True
+    except Exception:
+        return False
+
+
 def make_namespace(tb: Testbed, prefix: str = "t") -> str:
     """A fresh namespace whose ``default`` ServiceAccount exists (pods are admitted)."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
