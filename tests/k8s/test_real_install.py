@@ -78,6 +78,8 @@ def values(images: dict[str, str], slapd, real_node: dict) -> dict:
         "hub": {"ldap": ldap, **PLACEMENT},
         "proxy": {"service": {"type": "NodePort"}, **PLACEMENT},
         "singleuser": {"image": {"name": su_name, "tag": tag, "pullPolicy": "Never"}, "homeStorage": "1Gi"},
+        # users reach the proxy at the node's address (a NodePort), not a private one: MLflow is told
+        "mlflow": {"allowedHosts": [f"{real_node['node_ip']}:*"]},
         "projectPolicy": {
             "flavors": {"cpu": {"display_name": "CPU (real node)", "cpu": 0.2, "memory": "1Gi",
                                 "node_selector": REAL_NODE_PLACEMENT["nodeSelector"],
@@ -86,7 +88,7 @@ def values(images: dict[str, str], slapd, real_node: dict) -> dict:
         },
     }
     for c in ("scheduler", "mlflow", "controller", "culler", "gpus"):
-        v[c] = dict(PLACEMENT)  # the chart's requests: CPU shares keep them alive next to the host's processes
+        v[c] = {**v.get(c, {}), **PLACEMENT}  # the chart's requests: CPU shares keep them alive next to the host's processes
     return v
 
 
@@ -198,21 +200,32 @@ def test_platform_runs_on_the_real_node_and_alice_logs_in(k8s_testbed: Testbed, 
     assert me["name"] == "alice"
 
 
-@pytest.fixture(scope="module")
-def alice_nlp(install) -> requests.Session:
-    """alice's nlp server on the cpu flavour, ready (the hub waited for the pod and its routes)."""
-    alice = _login(install["url"], "alice")
-    r = alice.post(f"{alice.base}/users/alice/servers/nlp", json={"flavor": "cpu"}, timeout=60)
+def _start(alice: requests.Session, project: str) -> None:
+    r = alice.post(f"{alice.base}/users/alice/servers/{project}", json={"flavor": "cpu"}, timeout=60)
     assert r.status_code in (201, 202), r.text
-    wait_for(lambda: (alice.get(f"{alice.base}/users/alice", timeout=30).json()["servers"].get("nlp") or {}).get("ready"),
-             400, "alice's nlp server to be ready")
+
+
+def _ready(alice: requests.Session, project: str) -> None:
+    wait_for(lambda: (alice.get(f"{alice.base}/users/alice", timeout=30).json()["servers"].get(project) or {}).get("ready"),
+             400, f"alice's {project} server to be ready")
+
+
+@pytest.fixture(scope="module")
+def alice_servers(install) -> requests.Session:
+    """alice's vision and nlp servers on the cpu flavour, ready (the hub waited for the pods and
+    their routes): vision is the server of the issue's check, nlp the target of bob's probe."""
+    alice = _login(install["url"], "alice")
+    for project in ("vision", "nlp"):
+        _start(alice, project)
+    for project in ("vision", "nlp"):
+        _ready(alice, project)
     return alice
 
 
 def test_alice_server_is_a_real_container_with_her_ids_and_the_project_volume(
-        k8s_testbed: Testbed, real_node: dict, images, install, alice_nlp) -> None:
-    tb, alice = k8s_testbed, alice_nlp
-    pod = tb.pod("labyard-nlp", "jupyter-alice--nlp")
+        k8s_testbed: Testbed, real_node: dict, images, install, alice_servers) -> None:
+    tb, alice = k8s_testbed, alice_servers
+    pod = tb.pod("labyard-vision", "jupyter-alice--vision")
     assert pod["spec"]["nodeName"] == real_node["name"]
     status = pod["status"]["containerStatuses"][0]
     assert status["ready"] and status["imageID"], status
@@ -220,14 +233,14 @@ def test_alice_server_is_a_real_container_with_her_ids_and_the_project_volume(
     # inside the container, as the kubelet and runc made it
     script = ("id; stat -c 'mount %g' /srv/project; echo hi > /srv/project/alice-was-here; "
               "stat -c 'file %u %g' /srv/project/alice-was-here; echo home=$HOME; touch $HOME/h && echo home-ok")
-    out = tb.kubectl("exec", "-n", "labyard-nlp", "jupyter-alice--nlp", "--", "sh", "-c", script, timeout=120).stdout
-    assert "uid=10001" in out and "gid=20002" in out, out
+    out = tb.kubectl("exec", "-n", "labyard-vision", "jupyter-alice--vision", "--", "sh", "-c", script, timeout=120).stdout
+    assert "uid=10001" in out and "gid=20001" in out, out
     # (a name for her uid is the start hook's, for the server's processes only, not for `kubectl
     # exec`: tests/images checks `whoami` there)
-    assert "file 10001 20002" in out, out
+    assert "file 10001 20001" in out, out
     assert "home-ok" in out, out
     # her server answers through the proxy's Service with her token
-    url = f"{install['url']}/user/alice/nlp/api/contents/"
+    url = f"{install['url']}/user/alice/vision/api/contents/"
     r = requests.get(url, headers=alice.headers, timeout=60)
     assert r.status_code == 200, (r.status_code, r.text[:300])
 
@@ -257,7 +270,7 @@ def _probe_pod(image: str, targets: list[tuple[str, int]]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bob_probe(k8s_testbed: Testbed, real_node: dict, images, install, alice_nlp) -> list[list[str]]:
+def bob_probe(k8s_testbed: Testbed, real_node: dict, images, install, alice_servers) -> list[list[str]]:
     """What a pod in vision reached, round by round: [alice's server, MLflow's pod, MLflow's Service]."""
     tb = k8s_testbed
     server = tb.pod("labyard-nlp", "jupyter-alice--nlp")
@@ -275,10 +288,10 @@ def bob_probe(k8s_testbed: Testbed, real_node: dict, images, install, alice_nlp)
     return rounds
 
 
-def test_a_pod_in_vision_cannot_reach_alice_server(install, alice_nlp, bob_probe) -> None:
+def test_a_pod_in_vision_cannot_reach_alice_server(install, alice_servers, bob_probe) -> None:
     assert all(r[0] == "closed" for r in bob_probe), bob_probe
     # the hub's side of the same network does reach her server (the policy, not the network, refuses bob)
-    r = requests.get(f"{install['url']}/user/alice/nlp/api/status", headers=alice_nlp.headers, timeout=60)
+    r = requests.get(f"{install['url']}/user/alice/nlp/api/status", headers=alice_servers.headers, timeout=60)
     assert r.status_code == 200, r.text[:300]
 
 
@@ -288,11 +301,29 @@ def test_a_pod_in_vision_cannot_reach_mlflow_directly(bob_probe) -> None:
     assert all(r[1:] == ["closed", "closed"] for r in bob_probe[-5:]), bob_probe
 
 
+def _mlflow_run(url: str, user: requests.Session, tag: str, value: str, timeout: float = 180) -> dict:
+    """The MLflow run tagged ``tag=value`` among those ``user`` sees, through the proxy's /services/mlflow."""
+    api = f"{url}/services/mlflow/api/2.0/mlflow"
+
+    def found() -> dict | None:
+        exps = user.post(f"{api}/experiments/search", json={"max_results": 1000}, timeout=30)
+        assert exps.status_code == 200, exps.text[:300]
+        ids = [e["experiment_id"] for e in exps.json().get("experiments", [])]
+        if not ids:
+            return None
+        runs = user.post(f"{api}/runs/search", json={"experiment_ids": ids, "filter": f"tags.`{tag}` = '{value}'"}, timeout=30)
+        assert runs.status_code == 200, runs.text[:300]
+        done = [r for r in runs.json().get("runs", []) if r["info"]["status"] != "RUNNING"]
+        return done[0] if done else None
+
+    return wait_for(found, timeout, f"the MLflow run with {tag}={value}")
+
+
 def test_a_scheduled_notebook_runs_as_a_real_job_and_an_upgrade_keeps_db_schedule_and_auth_state(
-        k8s_testbed: Testbed, real_node: dict, install, alice_nlp) -> None:
+        k8s_testbed: Testbed, real_node: dict, images, install, alice_servers) -> None:
     from tests.scheduler import notebooks
 
-    tb, alice = k8s_testbed, alice_nlp
+    tb, alice = k8s_testbed, alice_servers
     base = f"{install['url']}/services/labyard-scheduler/api"
     wait_for(lambda: alice.get(f"{base}/whoami", timeout=30).status_code == 200, 120, "the scheduler service")
     nb = notebooks.training()
@@ -315,16 +346,37 @@ def test_a_scheduled_notebook_runs_as_a_real_job_and_an_upgrade_keeps_db_schedul
     assert run["status"] == "succeeded", (run, _diagnose(tb, "labyard-nlp"))
     assert pods and all(p["spec"]["nodeName"] == real_node["name"] for p in pods)
     assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    # the Job recorded its MLflow run through the proxy's /services/mlflow as alice
+    recorded = _mlflow_run(install["url"], alice, "labyard.scheduled_run", run["id"])
+    tags = {t["key"]: t["value"] for t in recorded["data"].get("tags", [])}
+    assert recorded["info"]["status"] == "FINISHED", recorded["info"]
+    assert tags["mlflow.user"] == "alice" and tags["labyard.project"] == "nlp", tags
+    assert {p["key"]: p["value"] for p in recorded["data"].get("params", [])}.get("epochs") == "3"
 
-    # helm upgrade: changed values (a new settings checksum, so the hub pod is replaced)
+    # helm upgrade to new images (a new tag of the same build, loaded into the node as a
+    # registry pull would) with changed values
+    new_tag = f"{images['hub'].rsplit(':', 1)[1]}-upgrade"
+    for ref in images.values():
+        subprocess.run(["podman", "tag", ref, f"{ref.rsplit(':', 1)[0]}:{new_tag}"], check=True)
+        assert tb.load_image(f"{ref.rsplit(':', 1)[0]}:{new_tag}")
     secrets = tb.api.get(f"/api/v1/namespaces/{NS}/secrets/labyard-secrets")["data"]
     hub_before = {p["metadata"]["name"] for p in _pods(tb, NS) if p["metadata"]["name"].startswith("hub-")}
     t0 = time.monotonic()
     tb.helm("upgrade", "labyard", str(CHART), "--namespace", NS, "-f", str(install["values"]),
-            "--set", "culler.timeout=7200", "--wait", "--timeout", "15m", timeout=1000)
+            "--set", f"image.tag={new_tag},singleuser.image.tag={new_tag},culler.timeout=7200",
+            "--wait", "--timeout", "15m", timeout=1000)
     print(f"helm upgrade --wait: {time.monotonic() - t0:.0f} s")
     hub_after = {p["metadata"]["name"] for p in _pods(tb, NS) if p["metadata"]["name"].startswith("hub-")}
     assert hub_after and not hub_after & hub_before  # a new hub process read the kept database
+    for d in tb.api.get(f"/apis/apps/v1/namespaces/{NS}/deployments")["items"]:
+        images_now = {c["image"] for c in d["spec"]["template"]["spec"]["containers"]}
+        assert all(i.endswith(f":{new_tag}") for i in images_now if "labyard/" in i), (d["metadata"]["name"], images_now)
+    assert _available(tb) == dict.fromkeys(PLATFORM, True)
+    # her running server survived the upgrade and answers through the new proxy
+    t0 = time.monotonic()
+    wait_for(lambda: requests.get(f"{install['url']}/user/alice/vision/api/status", headers=alice.headers,
+                                  timeout=30).status_code == 200, 360, "alice's server through the proxy after the upgrade")
+    print(f"alice's server answered {time.monotonic() - t0:.0f} s after the upgrade")
     assert tb.api.get(f"/api/v1/namespaces/{NS}/secrets/labyard-secrets")["data"] == secrets
     # the token alice got before the upgrade lives in the hub database
     wait_for(lambda: alice.get(f"{alice.base}/user", timeout=30).status_code == 200, 180, "the new hub")

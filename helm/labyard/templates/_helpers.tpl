@@ -199,8 +199,9 @@ and scheduled runs): the namespaces the project controller makes and labels as p
 
 {{- /*
 labyard.mlflowAllowedHosts: the Host headers MLflow accepts: its Service's and proxy-public's
-names (the proxy passes the client's Host on) with any port, ingress.hostname, and private
-addresses (kubelet probes and the pod network use pod IPs).
+names (the proxy passes the client's Host on) with any port, ingress.hostname, mlflow.allowedHosts
+(the admin's other public addresses), and private addresses (kubelet probes and the pod network
+use pod IPs).
 */ -}}
 {{- define "labyard.mlflowAllowedHosts" -}}
 {{- $names := list -}}
@@ -210,5 +211,5 @@ addresses (kubelet probes and the pod network use pod IPs).
 {{- with .Values.ingress.hostname }}{{ $names = append $names . }}{{ end -}}
 {{- $hosts := list -}}
 {{- range $names }}{{ $hosts = append $hosts . }}{{ $hosts = append $hosts (printf "%s:*" .) }}{{ end -}}
-{{- join "," (concat $hosts (list "10.*" "172.*" "192.168.*")) -}}
+{{- join "," (concat $hosts .Values.mlflow.allowedHosts (list "10.*" "172.*" "192.168.*")) -}}
 {{- end }}
