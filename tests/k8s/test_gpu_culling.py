@@ -36,7 +36,9 @@ from labyard_testbed.testing import wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
-GPU_TIMEOUT = 30
+#: long enough for the three servers to start and get a kernel each on a loaded 2-core machine
+#: (a server that is ready waits for the others, touched through the proxy: see ``servers``)
+GPU_TIMEOUT = 60
 CULL_EVERY = 5
 ACTIVITY_INTERVAL = 5
 #: the project of this module: an LDAP group made for it, with a unique name
@@ -129,11 +131,20 @@ def servers(stack, k8s_testbed):
         apis[user] = stack.api(user)
         r = apis[user].post(f"{apis[user].base}/users/{user}/servers/{PROJECT}", json={"flavor": flavor})
         assert r.status_code in (201, 202), r.text
-    for user, _ in (BUSY_GPU, IDLE_CPU, IDLE_GPU):
-        # generous: another session's pods may hold the GPUs for a while
-        stack.wait_ready(apis[user], user, PROJECT, timeout=300)
+    users = [user for user, _ in (BUSY_GPU, IDLE_CPU, IDLE_GPU)]
+
+    def touch_ready() -> bool:
+        """All three ready? Each ready one is asked for its status through the proxy meanwhile:
+        traffic is activity (the hub reads the proxy's), so none is culled while it waits for the
+        others (under load, or while another session's pods hold the GPUs)."""
+        ready = [u for u in users if (_server(apis[u], u) or {}).get("ready")]
+        for u in ready:
+            apis[u].get(f"{stack.url}/user/{u}/{PROJECT}/api/status", timeout=30)
+        return len(ready) == len(users)
+
+    wait_for(touch_ready, 300, "the three servers to be ready")
     kernels = {user: Kernel(f"{stack.url}/user/{user}/{PROJECT}/", apis[user].headers["Authorization"].split()[1])
-               for user, _ in (BUSY_GPU, IDLE_CPU, IDLE_GPU)}
+               for user in users}
     return apis, kernels
 
 

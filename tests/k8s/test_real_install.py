@@ -116,7 +116,11 @@ def install(k8s_testbed: Testbed, real_node: dict, images, directory, tmp_path_f
     tb = k8s_testbed
     vfile = tmp_path_factory.mktemp("values") / "values.yaml"
     vfile.write_text(yaml.safe_dump(values(images, directory, real_node)))
-    _gone(tb)  # a namespace of an earlier run may still be terminating
+    # the project namespaces that earlier modules' stacks made (their controllers make one per
+    # LDAP group), or this module's last run, still terminating: this release's controller makes them
+    for ns in NAMESPACES:
+        tb.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
+    _gone(tb)
     tb.kubectl("create", "namespace", NS)
     adopted = _adopt_cluster_rbac(tb)
     t0 = time.monotonic()
