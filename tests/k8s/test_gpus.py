@@ -268,6 +268,13 @@ def _service_process(stack) -> psutil.Process | None:
     return None
 
 
+def _dead(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_gpu_hours_match_the_pods_lifetimes_across_a_restart(stack, k8s_testbed, holders):
     tb, admin = k8s_testbed, _admin(stack)
     run_id = holders["run"]
@@ -316,7 +323,8 @@ def test_gpu_hours_match_the_pods_lifetimes_across_a_restart(stack, k8s_testbed,
     # counted twice, and the running servers go on from their pods' start times
     old = _service_process(stack)
     old.kill()
-    old.wait(30)
+    # dead at once; a zombie until the hub, its parent, reaps it (not this process's child: no wait())
+    wait_for(lambda: _dead(old), 30, "the killed labyard-gpus to exit")
     wait_for(lambda: (p := _service_process(stack)) is not None and p.pid != old.pid, 120, "labyard-gpus restarted")
     wait_for(lambda: admin.get(f"{admin.base}/api/allocations", timeout=30).status_code == 200, 120, "labyard-gpus answering")
     rows, as_of = recorded()
