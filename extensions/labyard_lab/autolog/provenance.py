@@ -94,6 +94,12 @@ def fingerprint_file(path: Path, size: int, mtime_ns: int) -> dict:
         return {"missing": True}
     if st.st_size != size or st.st_mtime_ns != mtime_ns:
         return {"changed": True}
+    return file_digest(path, size)
+
+
+def file_digest(path: Path, size: int) -> dict:
+    """``{"sha256": ...}`` of a file of ``size`` bytes, or ``{"sha256_head_tail": ...}`` (its size,
+    first and last :data:`PARTIAL_CHUNK` bytes) when it is larger than :data:`FULL_HASH_LIMIT`."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if size <= FULL_HASH_LIMIT:

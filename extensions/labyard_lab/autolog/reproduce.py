@@ -16,6 +16,8 @@ import math
 import os
 from pathlib import Path
 
+from .provenance import file_digest
+
 #: the tags a reproduction needs, in every mode, and what their absence is called
 REQUIRED = {
     "labyard.notebook_sha256": "no notebook snapshot",
@@ -55,34 +57,20 @@ def reproducible_tag(tags: dict[str, str]) -> str:
     return "yes" if not gaps else "no: " + ", ".join(gaps)
 
 
+def _requirements(freeze: str) -> set[str]:
+    """The lines of a pip freeze, stripped and lower-cased (the order and case pip gives do not count)."""
+    return {line.strip().lower() for line in freeze.splitlines() if line.strip()}
+
+
 def freeze_lock(freeze: str) -> str:
     """The environment's lock: sha256 of its ``pip freeze`` (one ``name==version`` a line)."""
-    lines = sorted({line.strip().lower() for line in freeze.splitlines() if line.strip()})
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return hashlib.sha256("\n".join(sorted(_requirements(freeze))).encode()).hexdigest()
 
 
 def freeze_difference(recorded: str, current: str) -> list[str]:
     """``name==version`` lines added (``+``) or gone (``-``) between two pip freezes."""
-    a = {line.strip().lower() for line in recorded.splitlines() if line.strip()}
-    b = {line.strip().lower() for line in current.splitlines() if line.strip()}
+    a, b = _requirements(recorded), _requirements(current)
     return [f"-{x}" for x in sorted(a - b)] + [f"+{x}" for x in sorted(b - a)]
-
-
-def _file_hash(path: Path, entry: dict) -> dict:
-    from .provenance import FULL_HASH_LIMIT, PARTIAL_CHUNK
-
-    st = path.stat()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if "sha256" in entry or st.st_size <= FULL_HASH_LIMIT:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-            return {"sha256": h.hexdigest()}
-        h.update(str(st.st_size).encode())
-        h.update(f.read(PARTIAL_CHUNK))
-        f.seek(max(0, st.st_size - PARTIAL_CHUNK))
-        h.update(f.read(PARTIAL_CHUNK))
-        return {"sha256_head_tail": h.hexdigest()}
 
 
 def compare_inputs(files: list[dict], root: Path) -> dict[str, list[str]]:
@@ -106,7 +94,7 @@ def compare_inputs(files: list[dict], root: Path) -> dict[str, list[str]]:
             out["vanished"].append(rel)
             continue
         try:
-            now = _file_hash(path, entry)
+            now = file_digest(path, path.stat().st_size)
         except OSError:
             out["vanished"].append(rel)
             continue

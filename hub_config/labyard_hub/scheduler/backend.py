@@ -354,11 +354,11 @@ class Backend:
             gaps = [g for g in missing(tags) if g in ("no notebook snapshot", "no flavour")]
             if gaps:
                 raise Conflict(f"MLflow run {req.reproduce} is not reproducible: {', '.join(gaps)}")
-            notebook = tags.get("labyard.notebook") or ""
             files = [f for f in await gate.artifacts(req.reproduce, "notebook") if f["path"].endswith(".ipynb")]
             raw = await gate.artifact(req.reproduce, files[0]["path"]) if files else None
             if raw is None:
                 raise Conflict(f"MLflow run {req.reproduce} is not reproducible: its notebook snapshot is not stored")
+            notebook = tags.get("labyard.notebook") or files[0]["path"].split("/")[-1]
             if hashlib.sha256(raw).hexdigest() != tags.get("labyard.notebook_sha256"):
                 raise Conflict(f"MLflow run {req.reproduce}: its notebook snapshot does not match its recorded sha256")
             warnings: list[str] = []
@@ -378,7 +378,7 @@ class Backend:
                 log.warning("reproduce: could not revoke %s's read token (it expires in 10 minutes): %s",
                             identity.username, e)
         _, flavor = self.access.authorize(identity, project, tags["labyard.flavor"])
-        digest, specs = await self.parameters_of(identity, project, notebook or files[0]["path"].split("/")[-1], raw)
+        digest, specs = await self.parameters_of(identity, project, notebook, raw)
         recorded = recorded_parameters(tags, original, specs)
         params = validate_parameters(specs, {**recorded, **req.parameters})
         reproduction = Reproduction(
@@ -388,7 +388,7 @@ class Backend:
         t = now()
         schedule = Schedule(
             id=new_id("s"), name=f"reproduce {req.reproduce[:8]}", owner=identity.username, project=project,
-            notebook=notebook or files[0]["path"].split("/")[-1], notebook_sha256=digest, parameter_specs=specs,
+            notebook=notebook, notebook_sha256=digest, parameter_specs=specs,
             parameters=params, flavor=flavor.name, cron=None, created=t, updated=t, run_as_uid=identity.uid,
             run_as_gid=self.access.member(identity, project).gid,
         )
