@@ -3,7 +3,7 @@
 import os
 import sys
 
-from labyard_hub import TEMPLATES, lifecycle
+from labyard_hub import TEMPLATES, hubgc, lifecycle
 from labyard_hub.access import Access
 from labyard_hub.hubdb import engine_kwargs
 from labyard_hub.ldap import ldap_config
@@ -159,3 +159,6 @@ if not s.external_services and (s.secrets_dir / "labyard-up.api-token").exists()
 
 c.JupyterHub.services = services
 c.JupyterHub.load_roles = roles
+
+# the hub's start-up objects out of the garbage collector's full passes (200 ms pauses of the event loop)
+hubgc.freeze_startup_objects()
