@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -157,3 +158,24 @@ def test_hub_answers_while_ldap_hangs(slow_ldap_stack):
     assert worst < 0.5, f"hub took {worst:.2f}s to answer while LDAP hung"
     assert "directory unavailable" in stack.hub_log()
 
+
+
+def test_start_up_objects_are_frozen_out_of_the_garbage_collector(stack):
+    """labyard_hub.hubgc: the hub's full garbage collections skip what it loaded at start (else each
+    one pauses its event loop ~200 ms, docs/dev/benchmarks.md)."""
+    deadline = time.monotonic() + 60
+    while not (found := re.search(r"(\d+) objects alive at start-up are frozen", stack.hub_log())):
+        assert time.monotonic() < deadline, "the hub never said it froze its start-up objects"
+        time.sleep(1)
+    assert int(found.group(1)) > 100_000
+
+
+def test_a_deleted_user_logs_in_again_as_a_new_user(stack):
+    """The login handler finds users in one query (labyard_hub.ldap.LoginHandler.find_user): one
+    deleted through the API is gone for it too, and the next login creates her again."""
+    admin = stack.api("admin")
+    assert stack.login("carol").login_status == 302
+    assert admin.delete(f"{admin.base}/users/carol", timeout=30).status_code == 204
+    assert admin.get(f"{admin.base}/users/carol", timeout=10).status_code == 404
+    assert stack.login("carol").login_status == 302
+    assert admin.get(f"{admin.base}/users/carol", timeout=10).json()["groups"] == ["nlp"]
