@@ -35,6 +35,25 @@ def test_kubernetes_down_is_a_clear_error_not_a_hang(tmp_path):
     assert reader.reads == 1 and "within 0.5s" in reader.error
 
 
+def test_a_lasting_failure_is_logged_once_then_every_few_minutes(tmp_path, caplog, monkeypatch):
+    async def go():
+        with BlackHole() as hole:
+            config = Configuration(host=f"http://127.0.0.1:{hole.port}")
+            async with ApiClient(config) as api:
+                reader = ClusterReader(api, UsageStore(tmp_path / "usage.sqlite"), kube_timeout=0.2)
+                for _ in range(3):
+                    await reader.refresh()
+                first = [r for r in caplog.records if r.levelname == "ERROR"]
+                monkeypatch.setattr(ClusterReader, "REPEAT_ERROR_SECONDS", 0)
+                await reader.refresh()
+                return reader, first
+
+    caplog.set_level("INFO", logger="labyard.gpus")
+    reader, first = asyncio.run(go())
+    assert reader.reads == 4 and len(first) == 1 and "within 0.2s" in first[0].getMessage()
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 2
+
+
 def test_page_lists_nodes_allocations_and_projects_escaped():
     held = [inventory.allocation(pod("jupyter-alice--vision", "labyard-vision", gpus=2)),
             inventory.allocation(pod("run-x", "labyard-nlp", component="scheduled-run", project="nlp", user="<carol>",

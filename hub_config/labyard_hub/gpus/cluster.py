@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
 from datetime import datetime, timezone
 from urllib.parse import urlencode
 
@@ -93,6 +95,9 @@ class ClusterReader:
         prometheus: dcgm-exporter metrics (None: utilisation not configured).
     """
 
+    #: a failure that lasts is logged again this often (it is on the page at every read)
+    REPEAT_ERROR_SECONDS = 300
+
     def __init__(self, api, usage: UsageStore, hub: HubActivity | None = None, prometheus: dcgm.Prometheus | None = None,
                  poll_interval: float = 15, kube_timeout: float = 10, idle_threshold: int = 1800):
         from kubernetes_asyncio.client import CoreV1Api
@@ -106,6 +111,7 @@ class ClusterReader:
         self.idle_threshold = idle_threshold
         self.snapshot: Snapshot | None = None
         self.error: str | None = "the cluster has not been read yet"
+        self._error_logged = -math.inf
         self.reads = 0
 
     async def _kube(self, coro, what: str):
@@ -157,15 +163,24 @@ class ClusterReader:
                         utilisation=utilisation, hub_error=hub_error)
 
     async def refresh(self) -> None:
+        """One read; the error (or its end) is logged when it begins or changes, and repeated at
+        most every ``REPEAT_ERROR_SECONDS`` while it lasts, not at every poll."""
+        failed: BaseException | None = None
         try:
             self.snapshot = await self.read()
-            self.error = None
+            error = None
         except* ClusterUnavailable as group:
-            self.error = str(group.exceptions[0])
-            log.error("%s", self.error)
+            error = str(group.exceptions[0])
         except* Exception as group:  # e.g. the usage store's disk: said on the page, the next read tries again
-            self.error = f"reading the cluster failed: {group.exceptions[0]!r}"
-            log.error("%s", self.error, exc_info=group.exceptions[0])
+            failed = group.exceptions[0]
+            error = f"reading the cluster failed: {failed!r}"
+        now = time.monotonic()
+        if error is None and self.error is not None and self.reads:
+            log.info("the cluster is read again (%s before)", self.error)
+        elif error is not None and (error != self.error or now - self._error_logged >= self.REPEAT_ERROR_SECONDS):
+            log.error("%s", error, exc_info=failed)
+            self._error_logged = now
+        self.error = error
         self.reads += 1
 
     def current(self) -> Snapshot:
