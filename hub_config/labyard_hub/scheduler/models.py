@@ -10,11 +10,11 @@ import re
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..projects import ProjectName
 
@@ -81,6 +81,13 @@ def check_notebook_path(path: str) -> str:
     return "/".join(parts)
 
 
+Cron = Annotated[str | None, AfterValidator(check_cron)]
+TimeZone = Annotated[str, AfterValidator(check_timezone)]
+NotebookPath = Annotated[str, AfterValidator(check_notebook_path)]
+TimeoutSeconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
+Retries = Annotated[int, Field(ge=0, le=10)]
+
+
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -89,33 +96,18 @@ class ScheduleCreate(_In):
     """``POST schedules``."""
 
     project: ProjectName
-    notebook: str = Field(description="path of the notebook inside the project")
+    notebook: NotebookPath = Field(description="path of the notebook inside the project")
     notebook_content: dict[str, Any] | None = Field(
         None, description="the notebook (nbformat JSON) as it is now; read from the project directory when absent")
     name: str | None = Field(None, max_length=200, description="display name; default: the notebook's name")
     parameters: dict[str, Any] = {}
     flavor: str | None = Field(None, description="compute flavour; default: the project's first allowed one")
-    cron: str | None = Field(None, description="5-field cron expression; null: run once, now")
-    timezone: str = "UTC"
-    timeout_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
-    retries: int = Field(0, ge=0, le=10)
+    cron: Cron = Field(None, description="5-field cron expression; null: run once, now")
+    timezone: TimeZone = "UTC"
+    timeout_seconds: TimeoutSeconds = 3600
+    retries: Retries = 0
     concurrency: ConcurrencyPolicy = "forbid"
     missed_runs: MissedRunsPolicy = "run_once"
-
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, v: str | None) -> str | None:
-        return check_cron(v)
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str) -> str:
-        return check_timezone(v)
-
-    @field_validator("notebook")
-    @classmethod
-    def _nb(cls, v: str) -> str:
-        return check_notebook_path(v)
 
 
 class ScheduleUpdate(_In):
@@ -124,22 +116,12 @@ class ScheduleUpdate(_In):
     name: str | None = Field(None, max_length=200)
     parameters: dict[str, Any] | None = None
     flavor: str | None = None
-    cron: str | None = None
-    timezone: str | None = None
-    timeout_seconds: int | None = Field(None, ge=1, le=7 * 24 * 3600)
-    retries: int | None = Field(None, ge=0, le=10)
+    cron: Cron = None
+    timezone: TimeZone | None = None
+    timeout_seconds: TimeoutSeconds | None = None
+    retries: Retries | None = None
     concurrency: ConcurrencyPolicy | None = None
     missed_runs: MissedRunsPolicy | None = None
-
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, v: str | None) -> str | None:
-        return check_cron(v)
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, v: str | None) -> str | None:
-        return None if v is None else check_timezone(v)
 
 
 class RunCreate(_In):
