@@ -282,7 +282,7 @@ def main() -> None:
                 try:
                     for delay in args.delays:
                         key = f"{name} delay={delay * 1000:.0f}ms"
-                        for i in range(args.repeat):
+                        for _ in range(args.repeat):
                             result = measure(ctx, hub, here, delay, args.profile)
                             report["runs"].setdefault(key, result)
                             if args.repeat > 1:
@@ -315,8 +315,9 @@ def main() -> None:
     for key, runs in report.get("repeats", {}).items():
         worst = sorted(r["health_worst_ms"] for r in runs if r["health_worst_ms"] is not None)
         rates = [r["logins_per_second"] for r in runs]
-        print(f"{key}, {len(runs)} runs: logins/s median {statistics.median(rates)} (min {min(rates)}); worst /hub/health "
-              f"median {statistics.median(worst)} ms, max {worst[-1]} ms, over 100 ms in {sum(w > 100 for w in worst)}")
+        print(f"{key}, {len(runs)} runs: logins/s median {statistics.median(rates):.1f} (min {min(rates)}); worst "
+              f"/hub/health median {statistics.median(worst):.1f} ms, max {worst[-1]} ms, over 100 ms in "
+              f"{sum(w > 100 for w in worst)}")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,6 @@ def test_hub_answers_while_ldap_hangs(slow_ldap_stack):
     assert "directory unavailable" in stack.hub_log()
 
 
-
 def test_start_up_objects_are_frozen_out_of_the_garbage_collector(stack):
     """labyard_hub.hubgc: the hub's full garbage collections skip what it loaded at start (else each
     one pauses its event loop ~200 ms, docs/dev/benchmarks.md)."""
